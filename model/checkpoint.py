@@ -1,0 +1,157 @@
+"""Model folders: save and load this project's models and the published OLMo-Bitnet-1B layout.
+
+Three layouts load through `load_model`:
+- this project's multimodal folder (`config.json` with model_type `bitllava`, safetensors,
+  tokenizer and `preprocessor_config.json`);
+- this project's LLM-only folder (model_type `olmo_bitnet`);
+- the published OLMo-Bitnet-1B folder (OLMo's config.json field names, fp32 `pytorch_model.bin`
+  or safetensors with `model.transformer.*` keys, tokenizer.json).
+
+Weights are loaded strictly: a missing, unexpected or mis-shaped tensor is a ValueError naming
+the tensors (transformers' `from_pretrained` would only warn and initialise them randomly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
+
+from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
+from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+from model.tokenizer import olmo_tokenizer_file, with_image_token
+from model.vision import CLIPImageProcessorPil
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    model: BitLlavaForConditionalGeneration | OLMoBitNetForCausalLM
+    tokenizer: PreTrainedTokenizerFast
+    image_processor: CLIPImageProcessorPil | None
+    layout: str  # "bitllava" | "olmo_bitnet" | "olmo_published"
+
+    @property
+    def multimodal(self) -> bool:
+        return isinstance(self.model, BitLlavaForConditionalGeneration)
+
+
+def resolve_model_dir(path_or_hub_id: str) -> str:
+    """A local folder as is; otherwise a Hugging Face hub id, downloaded to the local cache."""
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/")) or path_or_hub_id.count("/") != 1:
+        raise ValueError(f"{path_or_hub_id!r} is not a model folder (and not an 'owner/name' hub id)")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        path_or_hub_id,
+        allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt"],
+    )
+
+
+def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: safetensors (single or sharded) or pytorch_model.bin (weights_only)."""
+    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
+    if not present:
+        raise ValueError(f"{folder} holds no weights (looked for {', '.join(WEIGHT_FILES)})")
+    name = present[0]
+    path = os.path.join(folder, name)
+    if name.endswith(".index.json"):
+        with open(path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(_read_one(os.path.join(folder, shard)))
+        return state
+    return _read_one(path)
+
+
+def _read_one(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model`, refusing missing, unexpected and mis-shaped tensors with their names."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"checkpoint {source} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def _read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} is not a model folder: no config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _published_tokenizer(folder: str, config: OLMoBitNetConfig) -> PreTrainedTokenizerFast:
+    path = os.path.join(folder, "tokenizer.json")
+    tokenizer_file = path if os.path.isfile(path) else olmo_tokenizer_file()
+    tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, model_max_length=config.max_sequence_length)
+    tok.eos_token = tok.convert_ids_to_tokens(config.eos_token_id)
+    tok.pad_token = tok.convert_ids_to_tokens(config.pad_token_id)
+    return with_image_token(tok)
+
+
+def load_model(path_or_hub_id: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load any supported model folder (or hub id) in eval mode."""
+    folder = resolve_model_dir(path_or_hub_id)
+    raw = _read_config(folder)
+    model_type = raw.get("model_type")
+    if model_type == "bitllava":
+        config = BitLlavaConfig.from_dict(raw)
+        model = BitLlavaForConditionalGeneration(config)
+        layout = "bitllava"
+    elif model_type == "olmo_bitnet":
+        model = OLMoBitNetForCausalLM(OLMoBitNetConfig.from_dict(raw))
+        layout = "olmo_bitnet"
+    elif "d_model" in raw and "n_layers" in raw:
+        model = OLMoBitNetForCausalLM(OLMoBitNetConfig.from_olmo_config(raw))
+        layout = "olmo_published"
+    else:
+        raise ValueError(
+            f"{folder}/config.json is neither a bitllava model, an olmo_bitnet LM nor an OLMo-Bitnet config "
+            f"(model_type={model_type!r})"
+        )
+    load_state_dict_strict(model, read_state_dict(folder), folder)
+    model.to(dtype).eval()
+
+    if layout == "olmo_published":
+        tokenizer = _published_tokenizer(folder, model.config)
+    else:
+        tokenizer = with_image_token(PreTrainedTokenizerFast.from_pretrained(folder))
+    processor = CLIPImageProcessorPil.from_pretrained(folder) if layout == "bitllava" else None
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, image_processor=processor, layout=layout)
+
+
+def save_model(folder: str, model, tokenizer, image_processor=None) -> None:
+    """Write a loadable folder: config + safetensors weights, tokenizer, image processor."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)

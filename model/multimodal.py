@@ -1,0 +1,166 @@
+"""BitLLaVA: CLIP vision tower -> mlp2x_gelu projector -> OLMo-Bitnet LM.
+
+Source: Sundaram et al., "LLaVaOLMoBitNet1B: Ternary LLM goes Multimodal!" (2024), built on the
+LLaVA-1.5 recipe. The merge follows transformers' LLaVA: each `<image>` placeholder is expanded
+(by the conversation template) into one token per patch, and the projected patch features are
+scattered over those positions of the token embeddings. A sample may hold several images; the
+features of all images of a batch are concatenated in order of appearance.
+
+Two entry points feed image information:
+- `pixel_values` (N, 3, S, S): run the frozen tower, then the projector;
+- `image_features` (N, patches, vision_hidden): cached tower outputs (the preprocessing step's
+  `features` mode), skipping the tower.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+from model.vision import num_patches, select_patch_features
+
+
+class BitLlavaConfig(PreTrainedConfig):
+    """Composite config.
+
+    text_config: the OLMo-Bitnet LM (`OLMoBitNetConfig`).
+    vision_config: the CLIP vision tower (`CLIPVisionConfig`).
+    image_token_id: id of the `<image>` placeholder (a spare row of the padded embedding).
+    vision_feature_layer: hidden layer of the tower whose patch tokens are used (-2 in LLaVA-1.5).
+    projector_hidden_act: activation between the projector's two linears (`mlp2x_gelu`).
+    multimodal_projector_bias: the projector's linears have biases (as in LLaVA).
+    template: conversation template used for inference prompts (`v1` after instruction tuning).
+    """
+
+    model_type = "bitllava"
+    sub_configs_defaults = {"text_config": OLMoBitNetConfig, "vision_config": CLIPVisionConfig}
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 50280
+    vision_feature_layer: int = -2
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    template: str = "v1"
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not 0 <= self.image_token_id < self.text_config.embedding_size:
+            raise ValueError(
+                f"image_token_id {self.image_token_id} must index a row of the embedding "
+                f"(embedding_size {self.text_config.embedding_size})"
+            )
+        if self.image_token_id < self.text_config.vocab_size:
+            raise ValueError(
+                f"image_token_id {self.image_token_id} lies inside the predicted vocabulary "
+                f"(vocab_size {self.text_config.vocab_size}); it must be an added token"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return num_patches(self.vision_config)
+
+
+class BitLlavaPreTrainedModel(PreTrainedModel):
+    config_class = BitLlavaConfig
+    config: BitLlavaConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OLMoBitNetBlock", "CLIPEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Sub-models (tower, LM) initialise themselves; this covers the projector.
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=0.02)
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+class BitLlavaForConditionalGeneration(BitLlavaPreTrainedModel, GenerationMixin):
+    def __init__(self, config: BitLlavaConfig):
+        super().__init__(config)
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)  # Linear -> GELU -> Linear
+        self.language_model = OLMoBitNetForCausalLM(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, patches, vision_hidden): the tower's patch features (what `features` mode caches)."""
+        return select_patch_features(self.vision_tower, pixel_values, self.config.vision_feature_layer)
+
+    def project(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(N, patches, vision_hidden) -> (N, patches, d_model)."""
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        return self.multi_modal_projector(image_features.to(dtype))
+
+    def merge_image_features(self, input_ids: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, d) with every `<image>` position replaced, in order, by a patch feature."""
+        embeds = self.get_input_embeddings()(input_ids)  # (B, T, d)
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        n_positions = int(is_image.sum())
+        n_images, n_patches = projected.shape[0], projected.shape[1]
+        if n_positions != n_images * n_patches:
+            raise ValueError(
+                f"image placeholders do not match images: the batch has {n_positions} <image> positions "
+                f"({n_positions / n_patches:g} images of {n_patches} patches) but {n_images} images were given"
+            )
+        mask = is_image.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, projected.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        if pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        if inputs_embeds is None and input_ids is not None:
+            if image_features is not None:
+                inputs_embeds = self.merge_image_features(input_ids, self.project(image_features))
+            elif bool((input_ids == self.config.image_token_id).any()):
+                raise ValueError("input_ids hold <image> placeholders but no pixel_values or image_features were given")
+        return self.language_model(
+            input_ids=None if inputs_embeds is not None else input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        # transformers drops pixel_values after prefill; cached features must be dropped the same way.
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("image_features", None)
+        return inputs

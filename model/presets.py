@@ -1,0 +1,130 @@
+"""Model presets: `1b` (LLaVaOLMoBitNet1B's shapes) and `tiny` (the same code, CPU-sized).
+
+A preset is a recipe for a `BitLlavaConfig` plus its tokenizer and image processor. Weights are
+random: real weights come from checkpoints (`model.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import CLIPVisionConfig, PreTrainedTokenizerFast
+
+from model.bitlinear import BitLinear158
+from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
+from model.olmo_bitnet import OLMoBitNetConfig
+from model.tokenizer import build_tiny_tokenizer, image_token_id, load_olmo_tokenizer
+from model.vision import build_image_processor, clip_vit_l14_config
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    tokenizer: Callable[[], PreTrainedTokenizerFast]
+    vision: Callable[[], CLIPVisionConfig]
+    llm: dict  # OLMoBitNetConfig fields other than vocab sizes and special tokens
+    max_length: int  # default training sequence length
+
+
+def _tiny_vision() -> CLIPVisionConfig:
+    # 64 px images, 16 px patches -> 16 patch tokens
+    return CLIPVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        patch_size=16, image_size=64, projection_dim=64, hidden_act="quick_gelu",
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "1b": Preset(
+        name="1b",
+        description="LLaVaOLMoBitNet1B: CLIP ViT-L/14-336 + mlp2x_gelu + OLMo-Bitnet-1B (d 2048, 16 layers)",
+        tokenizer=load_olmo_tokenizer,
+        vision=lambda: clip_vit_l14_config(336),
+        llm=dict(d_model=2048, n_heads=16, n_layers=16, mlp_ratio=8, max_sequence_length=2048),
+        max_length=2048,
+    ),
+    "tiny": Preset(
+        name="tiny",
+        description="CPU test/demo model: 2-layer ViT (64 px, 16 patches) + 2-layer BitLinear LM (d 128)",
+        tokenizer=build_tiny_tokenizer,
+        vision=_tiny_vision,
+        llm=dict(d_model=128, n_heads=4, n_layers=2, mlp_ratio=8, max_sequence_length=512),
+        max_length=256,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_config(name: str) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast]:
+    """The preset's config, with vocabulary sizes and special tokens taken from its tokenizer."""
+    preset = get_preset(name)
+    tokenizer = preset.tokenizer()
+    image_id = image_token_id(tokenizer)
+    base_vocab = image_id  # every id below <image> is a real, predictable token
+    text = OLMoBitNetConfig(
+        **preset.llm,
+        vocab_size=base_vocab,
+        embedding_size=_round_up(len(tokenizer), 64),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = BitLlavaConfig(text_config=text, vision_config=preset.vision(), image_token_id=image_id)
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config, tokenizer
+
+
+def build_from_preset(name: str, seed: int = 0):
+    """Random-weight model, tokenizer and image processor of a preset."""
+    config, tokenizer = preset_config(name)
+    torch.manual_seed(seed)
+    model = BitLlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = build_image_processor(config.vision_config.image_size)
+    return model, tokenizer, processor
+
+
+def count_parameters(model: BitLlavaForConditionalGeneration) -> dict:
+    """Parameter counts of each part; `bitlinear_weights` are the ternary ones."""
+    def total(module):
+        return sum(p.numel() for p in module.parameters())
+
+    bitlinear = sum(m.weight.numel() for m in model.language_model.modules() if isinstance(m, BitLinear158))
+    counts = {
+        "llm_params": total(model.language_model),
+        "bitlinear_weights": bitlinear,
+        "vision_params": total(model.vision_tower),
+        "projector_params": total(model.multi_modal_projector),
+    }
+    counts["total_params"] = counts["llm_params"] + counts["vision_params"] + counts["projector_params"]
+    return counts
+
+
+def describe(name: str) -> dict:
+    """Counts and shapes of a preset, built on the meta device (no memory, no init time)."""
+    config, tokenizer = preset_config(name)
+    with torch.device("meta"):
+        model = BitLlavaForConditionalGeneration(config)
+    text, vision = config.text_config, config.vision_config
+    info = {"preset": name, "description": get_preset(name).description, **count_parameters(model)}
+    info.update(
+        d_model=text.d_model, n_layers=text.n_layers, n_heads=text.n_heads, mlp_hidden_size=text.mlp_hidden_size,
+        vocab_size=text.vocab_size, embedding_size=text.embedding_size, image_token_id=config.image_token_id,
+        image_size=vision.image_size, patch_size=vision.patch_size, image_tokens=config.num_image_tokens,
+        vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
+        bitlinear_bf16_bytes=2 * info["bitlinear_weights"], bitlinear_2bit_bytes=info["bitlinear_weights"] // 4,
+    )
+    return info
