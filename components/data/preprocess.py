@@ -1,0 +1,377 @@
+"""`bitllava data preprocess`: LLaVA JSON + images -> sharded sample store, with Ray Data.
+
+    JSON array (local or s3://) ── driver: parse, group records by image set, skip committed records
+      │ from_items(groups).repartition            (a JSON array reaches Ray as one block)
+      ▼ map_batches(PrepareGroups)      decode + validate each distinct image once, pad-to-square, CLIP processor,
+      │                        template + tokenize + labels for every record of the group
+      ▼ map_batches(EncodeGroups)   `features` mode only: frozen CLIP tower in an autoscaling actor
+      │                        pool (GPU actors when the cluster has GPUs), fp16 patch features
+      ▼ map_batches(WriteParts)     Parquet parts written atomically, bad records in their footers
+    manifest.json              counts by reason, identities, content hash (written last)
+
+Grouping records by their image set makes every distinct image decoded and encoded once
+(LLaVA-Instruct-150K holds about 81K images for 150K records). Re-running with the same inputs and
+config is a no-op; a killed run resumes from the committed parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from components import storage
+from components.data.records import (
+    DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_CHARS, BadRecord, ImageSource, RecordProcessor, decode_image, image_names, parse_record,
+    record_id,
+)
+from components.data.store import SCHEMA_VERSION, committed_parts, content_hash, write_part
+
+SOURCES = ("cc595k", "instruct")
+PHASE_TEMPLATES = {"align": "plain", "instruct": "v1"}
+ENCODINGS = ("pixels", "features")
+
+
+@dataclass
+class PreprocessConfig:
+    """Configuration of one preprocessing run.
+
+    source: dataset kind, "cc595k" (captions) or "instruct" (LLaVA-Instruct conversations).
+    json: the dataset's JSON array file (local path or s3:// URI).
+    images: folder, .zip archive or s3:// prefix holding the images named by the records.
+    out: the store's URI (local folder or s3://bucket/prefix).
+    phase: "align" (plain template) or "instruct" (v1 template).
+    encode: "pixels" stores processed images; "features" stores the frozen tower's fp16 patch features.
+    model: base model folder (`bitllava model init`): tokenizer, image processor and, for features, the tower.
+    preset: used for tokenizer and image processor when `model` is not given (pixels mode only).
+    max_length: token limit per sample (default: the preset's).
+    shard_records: about how many records each Parquet part covers.
+    max_image_pixels: images with more pixels are rejected as decompression bombs.
+    max_text_chars: records with more conversation text are rejected as over-long (shorter ones are
+        truncated to max_length tokens, as LLaVA does).
+    num_blocks: Ray Data blocks to split the record groups into (default: 4 per CPU).
+    encoder_actors: (min, max) size of the autoscaling feature-encoder actor pool.
+    encode_batch: image groups per encoder call.
+    prepare_batch: image groups per decode/tokenize call.
+    s3_endpoint: S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).
+    """
+
+    source: str
+    json: str
+    images: str
+    out: str
+    phase: str
+    encode: str = "pixels"
+    model: str | None = None
+    preset: str = "tiny"
+    max_length: int | None = None
+    shard_records: int = 256
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    num_blocks: int | None = None
+    encoder_actors: tuple[int, int] = (1, 2)
+    encode_batch: int = 16
+    prepare_batch: int = 32
+    s3_endpoint: str | None = None
+
+    def __post_init__(self):
+        self.s3_endpoint = storage.s3_endpoint(self.s3_endpoint)  # resolved here so Ray workers get it too
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown source {self.source!r}; choose one of {SOURCES}")
+        if self.phase not in PHASE_TEMPLATES:
+            raise ValueError(f"unknown phase {self.phase!r}; choose one of {tuple(PHASE_TEMPLATES)}")
+        if self.encode not in ENCODINGS:
+            raise ValueError(f"unknown encoding {self.encode!r}; choose one of {ENCODINGS}")
+        if self.encode == "features" and not self.model:
+            raise ValueError("--encode features needs --model (a base model folder holding the frozen tower)")
+        if self.shard_records < 1 or self.max_image_pixels < 1 or self.encode_batch < 1:
+            raise ValueError("shard_records, max_image_pixels and encode_batch must be positive")
+        lo, hi = self.encoder_actors
+        if not 1 <= lo <= hi:
+            raise ValueError(f"encoder_actors must be (min, max) with 1 <= min <= max, got {self.encoder_actors}")
+        if not storage.exists(self.json, self.s3_endpoint):
+            raise ValueError(f"--json {self.json} does not exist")
+        if not storage.exists(self.images, self.s3_endpoint) and not storage.is_s3(self.images):
+            raise ValueError(f"--images {self.images} does not exist")
+        if self.model and not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"--model {self.model} is not a model folder (no config.json)")
+
+    @property
+    def template(self) -> str:
+        return PHASE_TEMPLATES[self.phase]
+
+
+def load_processing(cfg: PreprocessConfig):
+    """(tokenizer, image processor, image tokens per image, max_length, identity dict) of the run's model."""
+    from transformers import PreTrainedTokenizerFast
+
+    from model.multimodal import BitLlavaConfig
+    from model.presets import get_preset, preset_config
+    from model.tokenizer import with_image_token
+    from model.vision import CLIPImageProcessorPil, build_image_processor
+
+    if cfg.model:
+        with open(os.path.join(cfg.model, "config.json")) as f:
+            config = BitLlavaConfig.from_dict(json.load(f))
+        tokenizer = with_image_token(PreTrainedTokenizerFast.from_pretrained(cfg.model))
+        processor = CLIPImageProcessorPil.from_pretrained(cfg.model)
+        max_length = cfg.max_length or config.text_config.max_sequence_length
+    else:
+        config, tokenizer = preset_config(cfg.preset)
+        processor = build_image_processor(config.vision_config.image_size)
+        max_length = cfg.max_length or get_preset(cfg.preset).max_length
+    identity = {
+        "tokenizer_sha256": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "image_processor": {k: dict(v) if hasattr(v, "keys") else list(v) for k, v in
+                            ((k, getattr(processor, k)) for k in ("size", "crop_size", "image_mean", "image_std"))},
+        "image_tokens": config.num_image_tokens,
+        "vision_tower": None,
+    }
+    if cfg.encode == "features":
+        identity["vision_tower"] = {"sha256": tower_sha256(cfg.model), "layer": config.vision_feature_layer,
+                                    "hidden": config.vision_config.hidden_size}
+    return tokenizer, processor, config.num_image_tokens, max_length, identity
+
+
+def tower_sha256(model_dir: str) -> str:
+    from model.checkpoint import load_vision_tower
+
+    tower, _ = load_vision_tower(model_dir)
+    h = hashlib.sha256()
+    for name, tensor in sorted(tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class PrepareGroups:
+    """Ray Data UDF (actor pool): image groups -> their processed image(s) and each record's tokens or bad reason."""
+
+    def __init__(self, cfg: PreprocessConfig, tokenizer, processor, image_tokens: int, max_length: int):
+        self.source = ImageSource(cfg.images, cfg.s3_endpoint)
+        self.max_pixels = cfg.max_image_pixels
+        self.processor = RecordProcessor(tokenizer, processor, cfg.template, image_tokens, max_length,
+                                         cfg.max_image_pixels, cfg.max_text_chars)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self.prepare(group) for group in batch.to_pylist()])
+
+    def prepare(self, group: dict) -> dict:
+        names = json.loads(group["names"])
+        image_bytes, image_shape, image_error = b"", [], None
+        try:
+            images = [decode_image(self.source.read(n), n, self.max_pixels) for n in names]
+            if images:
+                pixels = self.processor.pixels(images)
+                image_bytes, image_shape = pixels.tobytes(), list(pixels.shape)
+        except BadRecord as err:
+            image_error = err
+        out = {k: [] for k in ("ids", "bad", "detail", "input_ids", "labels")}
+        for idx, raw in zip(group["idx"], group["raw"]):
+            rid, reason, detail, ids, labels = f"#{idx}", "", "", b"", b""
+            try:
+                record = parse_record(raw)
+                rid = record_id(record, idx)
+                image_names(record)  # re-validates the field for records grouped as malformed
+                if image_error is not None:
+                    raise image_error
+                sample = self.processor.sample(record, idx, len(names))
+                ids, labels = sample.input_ids.tobytes(), sample.labels.tobytes()
+            except BadRecord as err:
+                reason, detail = err.reason, err.detail
+            for key, value in zip(out, (rid, reason, detail, ids, labels)):
+                out[key].append(value)
+        return {"idx": list(group["idx"]), **out, "images": image_bytes, "image_shape": json.dumps(image_shape),
+                "encoded": 0}
+
+
+class EncodeGroups:
+    """Ray Data UDF (actor pool): processed pixels -> fp16 patch features of the frozen tower, per group."""
+
+    def __init__(self, model_dir: str):
+        import torch
+
+        from model.checkpoint import load_vision_tower
+
+        self.torch = torch
+        tower, config = load_vision_tower(model_dir)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tower = tower.to(self.device, torch.float16 if self.device == "cuda" else torch.float32)
+        self.layer = config.vision_feature_layer
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from model.vision import select_patch_features
+
+        torch = self.torch
+        rows = batch.to_pylist()
+        todo = [i for i, r in enumerate(rows) if r["images"] and any(not b for b in r["bad"])]
+        if todo:
+            pixels = [np.frombuffer(rows[i]["images"], np.float16).reshape(json.loads(rows[i]["image_shape"]))
+                      for i in todo]
+            stacked = torch.from_numpy(np.concatenate(pixels)).to(self.device, self.tower.dtype)
+            with torch.no_grad():
+                feats = select_patch_features(self.tower, stacked, self.layer).to(torch.float16).cpu().numpy()
+            start = 0
+            for i, p in zip(todo, pixels):
+                f = feats[start: start + len(p)]
+                start += len(p)
+                rows[i].update(images=f.tobytes(), image_shape=json.dumps(list(f.shape)), encoded=len(p))
+        return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+def write_parts(batch: pa.Table, out: str, endpoint: str | None) -> pa.Table:
+    """Ray Data UDF (light tasks): a batch of processed groups -> one Parquet part; returns the part's stats."""
+    rows, bad, indices, encoded = [], [], [], 0
+    for group in batch.to_pylist():
+        shape = json.loads(group["image_shape"])
+        encoded += group["encoded"]
+        for j, idx in enumerate(group["idx"]):
+            indices.append(idx)
+            if group["bad"][j]:
+                bad.append({"idx": idx, "id": group["ids"][j], "reason": group["bad"][j],
+                            "detail": group["detail"][j][:300]})
+                continue
+            ids = np.frombuffer(group["input_ids"][j], np.int32)
+            rows.append({"idx": idx, "id": group["ids"][j], "input_ids": ids,
+                         "labels": np.frombuffer(group["labels"][j], np.int32), "length": len(ids),
+                         "num_images": shape[0] if shape else 0, "images": group["images"],
+                         "image_shape": shape})
+    name = write_part(out, rows, indices, bad, encoded, endpoint)
+    print(f"[preprocess] wrote {name}: {len(rows)} samples, {len(bad)} bad records", file=sys.stderr, flush=True)
+    return pa.table({"part": [name], "samples": [len(rows)], "bad": [len(bad)]})
+
+
+def group_records(records: list, skip: set[int]) -> list[dict]:
+    """Pending records grouped by their image set (records with a malformed `image` field stand alone)."""
+    groups: dict = {}
+    for idx, record in enumerate(records):
+        if idx in skip:
+            continue
+        try:
+            key = tuple(image_names(record)) or ("<text>", idx)
+        except BadRecord:
+            key = ("<malformed>", idx)
+        names = list(key) if key[0] not in ("<text>", "<malformed>") else []
+        group = groups.setdefault(key, {"names": json.dumps(names), "idx": [], "raw": []})
+        group["idx"].append(idx)
+        group["raw"].append(json.dumps(record))
+    return list(groups.values())
+
+
+def fingerprint(cfg: PreprocessConfig, json_bytes: bytes, identity: dict) -> dict:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "num_blocks", "encoder_actors",
+                                                                   "encode_batch", "s3_endpoint", "model")}
+    fp = {"schema_version": SCHEMA_VERSION, "json_sha256": hashlib.sha256(json_bytes).hexdigest(),
+          "settings": settings, "identity": identity}
+    return json.loads(json.dumps(fp))  # the form it takes on disk, so comparisons are exact
+
+
+def _check_fingerprint(cfg: PreprocessConfig, fp: dict) -> dict | None:
+    """The existing manifest when the store is already built from these inputs; error on a different store."""
+    manifest_uri = storage.join(cfg.out, "manifest.json")
+    fp_uri = storage.join(cfg.out, "_fingerprint.json")
+    for uri in (manifest_uri, fp_uri):
+        if storage.exists(uri, cfg.s3_endpoint):
+            existing = json.loads(storage.read_bytes(uri, cfg.s3_endpoint))
+            if existing.get("fingerprint", existing) != fp:
+                raise ValueError(f"{cfg.out} holds a store built from other inputs or settings; "
+                                 f"choose another --out or delete it")
+            if uri == manifest_uri:
+                return existing
+    storage.write_bytes_atomic(fp_uri, json.dumps(fp).encode(), cfg.s3_endpoint)
+    return None
+
+
+def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
+    """Build (or finish, or confirm) the store; returns its manifest."""
+    import ray
+
+    start = time.time()
+    tokenizer, processor, image_tokens, max_length, identity = load_processing(cfg)
+    json_bytes = storage.read_bytes(cfg.json, cfg.s3_endpoint)
+    fp = fingerprint(cfg, json_bytes, identity)
+    done = _check_fingerprint(cfg, fp)
+    if done is not None:
+        print(f"[preprocess] {cfg.out} is up to date ({done['counts']['samples']} samples); nothing to do",
+              file=sys.stderr)
+        return done
+    try:
+        records = json.loads(json_bytes)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg.json} is not valid JSON: {err}") from err
+    if not isinstance(records, list):
+        raise ValueError(f"{cfg.json} must hold a JSON array of records, not a {type(records).__name__}")
+    del json_bytes
+
+    covered = {i for footer in committed_parts(cfg.out, cfg.s3_endpoint).values() for i in footer["indices"]}
+    groups = group_records(records, covered)
+    print(f"[preprocess] {len(records)} records, {len(covered)} already in committed parts, "
+          f"{sum(len(g['idx']) for g in groups)} to process in {len(groups)} image groups", file=sys.stderr)
+    if groups:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=True)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        records_per_group = sum(len(g["idx"]) for g in groups) / len(groups)
+        groups_per_part = max(1, round(cfg.shard_records / records_per_group))
+        blocks = cfg.num_blocks or min(len(groups), 4 * cpus)
+        # from_items splits the groups into `blocks` blocks itself: no single-block JSON to repartition
+        ds = ray.data.from_items(groups, override_num_blocks=blocks)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        # Fractional CPU requests keep the actor pools and the writer from reserving every core and
+        # starving each other on small clusters; the OS shares the cores among them.
+        ds = ds.map_batches(PrepareGroups, fn_constructor_args=(cfg, tokenizer, processor, image_tokens, max_length),
+                            batch_size=cfg.prepare_batch, batch_format="pyarrow", concurrency=(1, cpus), num_cpus=0.5)
+        if cfg.encode == "features":
+            ds = ds.map_batches(EncodeGroups, fn_constructor_args=(cfg.model,), batch_size=cfg.encode_batch,
+                                batch_format="pyarrow", concurrency=tuple(cfg.encoder_actors), num_gpus=gpus,
+                                num_cpus=0.1 if gpus else 0.5)
+        # writing is I/O: light tasks that never wait for a free core
+        ds = ds.map_batches(write_parts, fn_kwargs={"out": cfg.out, "endpoint": cfg.s3_endpoint},
+                            batch_size=groups_per_part, batch_format="pyarrow", num_cpus=0.1)
+        written = ds.take_all()
+        print(f"[preprocess] wrote {len(written)} parts", file=sys.stderr)
+
+    manifest = build_manifest(cfg, fp, records, identity)
+    storage.write_bytes_atomic(storage.join(cfg.out, "manifest.json"), json.dumps(manifest, indent=1).encode(),
+                               cfg.s3_endpoint)
+    counts = manifest["counts"]
+    print(f"[preprocess] done in {time.time() - start:.1f}s: {counts['samples']} samples, {counts['bad']} bad "
+          f"records {dict(counts['bad_by_reason'])}, {len(manifest['parts'])} parts -> {cfg.out}", file=sys.stderr)
+    return manifest
+
+
+def build_manifest(cfg: PreprocessConfig, fp: dict, records: list, identity: dict) -> dict:
+    parts = committed_parts(cfg.out, cfg.s3_endpoint)
+    covered = [i for footer in parts.values() for i in footer["indices"]]
+    if len(covered) != len(set(covered)) or set(covered) != set(range(len(records))):
+        missing = sorted(set(range(len(records))) - set(covered))[:10]
+        raise RuntimeError(f"store {cfg.out} is inconsistent: {len(covered)} records covered "
+                           f"({len(covered) - len(set(covered))} twice), first missing {missing}")
+    bad = sorted((b for footer in parts.values() for b in footer["bad"]), key=lambda b: b["idx"])
+    footers = list(parts.values())
+    samples = sum(len(f["hashes"]) for f in footers)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": cfg.source,
+        "phase": cfg.phase,
+        "template": cfg.template,
+        "encode": cfg.encode,
+        "config": asdict(cfg),
+        "fingerprint": fp,
+        "tokenizer_sha256": identity["tokenizer_sha256"],
+        "vision": identity,
+        "counts": {"records": len(records), "samples": samples, "bad": len(bad),
+                   "bad_by_reason": dict(sorted(Counter(b["reason"] for b in bad).items())),
+                   "images_encoded": sum(f["images_encoded"] for f in footers)},
+        "bad_records": bad,
+        "parts": [{"name": name, "samples": len(f["hashes"]), "records": len(f["indices"])}
+                  for name, f in sorted(parts.items())],
+        "content_hash": content_hash(footers),
+    }

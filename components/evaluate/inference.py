@@ -1,0 +1,111 @@
+"""Batched greedy answers to image questions, with LLaVA-1.5's short-answer prompt.
+
+Source: LLaVA-1.5's evaluation (`llava/eval/model_vqa_loader.py` and the question files of
+`scripts/v1_5/eval/{vqav2,textvqa,pope}.sh`): the question followed by
+"\\nAnswer the question using a single word or phrase.", one image, greedy decoding.
+
+A batch is built from the same pieces as `model.chat.generate_reply`: `prompt_ids` renders the
+conversation template (with one `<image>` expanded to its patch positions), the prompts are
+left-padded to a common length, and `generate` decodes them together. Greedy answers equal those of
+`generate_reply` one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from PIL import Image
+
+from model.chat import user_turn
+from model.checkpoint import LoadedModel, load_model
+from model.conversation import prompt_ids
+from model.vision import preprocess_images
+
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+def short_answer_prompt(question: str) -> str:
+    return question + SHORT_ANSWER_SUFFIX
+
+
+def is_packed_folder(path: str) -> bool:
+    """A folder written by `bitllava pack`: its config.json has a "packing" section (format, version, ...)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(config, dict) and isinstance(config.get("packing"), dict)
+
+
+def model_location(path: str) -> str:
+    """A model folder as an absolute path (checked for a config.json), or a hub id left to the loader."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path} is not a model folder: no config.json")
+        return os.path.abspath(path)
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise ValueError(f"{path!r} is not a model folder (and not an 'owner/name' hub id)")
+    return path
+
+
+def load_eval_model(path: str) -> LoadedModel:
+    """A checkpoint folder (or hub id) or a packed model folder, in eval mode; it must take images."""
+    if is_packed_folder(path):
+        try:
+            from model.packing import load_packed
+        except ImportError as err:
+            raise ValueError(f"{path} is a packed model folder, but this installation cannot load packed "
+                             f"models (model.packing: {err})") from err
+        loaded = load_packed(path)
+    else:
+        loaded = load_model(path)
+    if not loaded.multimodal:
+        raise ValueError(f"{path} holds a text-only LLM ({loaded.layout}); evaluation needs a multimodal model")
+    return loaded
+
+
+def batch_prompt_ids(loaded: LoadedModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts with one image each -> left-padded input_ids and attention_mask, (B, T)."""
+    config, tokenizer = loaded.model.config, loaded.tokenizer
+    rows = [prompt_ids([user_turn(p, 1)], tokenizer, config.template, 1, config.num_image_tokens) for p in prompts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def answer_batch(loaded: LoadedModel, questions: list[str], images: list[Image.Image],
+                 max_new_tokens: int = 16) -> list[str]:
+    """Greedy short answers, one per (question, image)."""
+    if len(questions) != len(images):
+        raise ValueError(f"{len(questions)} questions but {len(images)} images")
+    if not questions:
+        return []
+    model, tokenizer = loaded.model, loaded.tokenizer
+    input_ids, attention_mask = batch_prompt_ids(loaded, [short_answer_prompt(q) for q in questions])
+    pixel_values = preprocess_images(images, loaded.image_processor)
+    out = model.generate(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        pixel_values=pixel_values.to(model.device, model.dtype),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    answers = []
+    for row in out[:, input_ids.shape[1]:].tolist():  # (B, new tokens)
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers

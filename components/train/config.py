@@ -1,0 +1,135 @@
+"""Training configuration: one dataclass, validated, mirrored by YAML files in pipelines/configs/.
+
+Defaults per phase follow LLaVA-1.5 as used by LLaVaOLMoBitNet1B (DESIGN.md section 5):
+align (projector only): lr 1e-3, batch 32 x accumulation 4, weight decay 0;
+instruct (projector + LLM): lr 2e-5, batch 8 x accumulation 2, Adam betas (0.9, 0.98);
+both one epoch, cosine schedule, warmup ratio 0.03.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import yaml
+
+PHASES = ("align", "instruct")
+
+PHASE_DEFAULTS = {
+    "align": dict(lr=1e-3, per_device_batch=32, grad_accum=4, weight_decay=0.0, adam_betas=(0.9, 0.999)),
+    "instruct": dict(lr=2e-5, per_device_batch=8, grad_accum=2, weight_decay=0.0, adam_betas=(0.9, 0.98)),
+}
+
+
+@dataclass
+class TrainConfig:
+    """One training phase.
+
+    phase: "align" trains the projector only; "instruct" trains projector + BitLinear LLM.
+    data: sample store URI (`bitllava data preprocess` output), local or s3://.
+    out: run folder/URI: Ray Train checkpoints, the final model (`<out>/model`), the MLflow store by default.
+    init: model folder to start from (`bitllava model init` output for align, the align run's model for instruct).
+    workers: Ray Train workers (one per GPU, or CPU processes).
+    cpus_per_worker: CPUs each worker reserves (keep some free for Ray Data's streaming reads).
+    use_gpu: one GPU per worker; bf16 then, fp32 on CPU.
+    zero_stage: DeepSpeed ZeRO stage, 2 or 3.
+    epochs: passes over the data.
+    max_steps: stop after this many optimizer steps (None: the epochs decide).
+    per_device_batch: samples per worker per micro-step.
+    grad_accum: micro-steps per optimizer step.
+    lr: peak learning rate.
+    warmup_ratio: fraction of the optimizer steps spent warming up linearly.
+    weight_decay: AdamW weight decay.
+    adam_betas: AdamW betas.
+    max_grad_norm: gradient clipping (0 disables).
+    checkpoint_every: optimizer steps between checkpoints (a final one is always written).
+    seed: model-independent randomness (data order).
+    gradient_checkpointing: recompute block activations in the backward pass.
+    group_by_length: batch samples of similar length together (within a window of 16 batches).
+    max_failures: worker failures Ray Train recovers from (restarting from the last checkpoint).
+    experiment: MLflow experiment.
+    run_name: MLflow run name (default: the phase).
+    parent_run_id: nest this phase's MLflow run under that run.
+    tracking_uri: MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in `out`).
+    peak_tflops: accelerator peak for MFU (default: known GPUs; none on CPU).
+    """
+
+    phase: str
+    data: str
+    out: str
+    init: str
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    zero_stage: int = 2
+    epochs: int = 1
+    max_steps: int | None = None
+    per_device_batch: int | None = None
+    grad_accum: int | None = None
+    lr: float | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float | None = None
+    adam_betas: tuple[float, float] | None = None
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    max_failures: int = 2
+    experiment: str = "bitllava"
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
+    peak_tflops: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"unknown phase {self.phase!r}; choose one of {PHASES}")
+        for key, value in PHASE_DEFAULTS[self.phase].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"zero_stage must be 2 or 3, not {self.zero_stage}")
+        for name in ("workers", "epochs", "per_device_batch", "grad_accum", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        if self.max_failures < 0:
+            raise ValueError("max_failures must be >= 0")
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device_batch * self.grad_accum * self.workers
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+
+def load_train_config(path: str | None = None, **overrides) -> TrainConfig:
+    """A YAML file's fields, then non-None overrides (command-line flags)."""
+    values: dict = {}
+    if path:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+    missing = [k for k in ("phase", "data", "out", "init") if k not in values]
+    if missing:
+        raise ValueError(f"missing training settings {missing} (give them in the YAML or as flags)")
+    return TrainConfig(**values)

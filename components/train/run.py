@@ -1,0 +1,89 @@
+"""`bitllava train`: one phase on Ray Train + DeepSpeed, from the driver's side.
+
+    TorchTrainer(train_loop, scaling_config=ScalingConfig(workers, use_gpu),
+                 run_config=RunConfig(storage_path=out, failure_config=FailureConfig(max_failures)),
+                 datasets={"train_<rank>": ...}, dataset_config=DataConfig(datasets_to_split=[]))
+
+Each rank gets its own deterministic stream of store parts (see `components.train.data`), so the
+datasets are not split again by Ray Train. The MLflow run is created here and resumed by rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from components import storage
+from components.data.store import load_manifest
+from components.tracking import create_run, resolve_tracking_uri
+from components.train.config import TrainConfig
+from components.train.data import plan_epochs, rank_datasets
+
+
+def final_model_dir(cfg: TrainConfig) -> str:
+    return storage.join(cfg.out, "model")
+
+
+def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not os.path.isfile(os.path.join(cfg.init, "config.json")):
+        raise ValueError(f"--init {cfg.init} is not a model folder (run `bitllava model init` or the align phase)")
+    manifest = load_manifest(cfg.data)
+    if manifest["phase"] != cfg.phase:
+        raise ValueError(f"{cfg.data} was preprocessed for phase {manifest['phase']!r}, not {cfg.phase!r}")
+    plan = plan_epochs(manifest, cfg.workers, cfg.per_device_batch, cfg.grad_accum, cfg.epochs, cfg.seed)
+    cfg.tracking_uri = resolve_tracking_uri(cfg.tracking_uri, cfg.out)
+    run_id = create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name or cfg.phase, cfg.parent_run_id,
+                        params=cfg.to_dict(),
+                        tags={"phase": cfg.phase, "dataset_content_hash": manifest["content_hash"],
+                              "dataset_uri": cfg.data, "init": cfg.init})
+    print(f"[train] {cfg.phase}: {manifest['counts']['samples']} samples, "
+          f"{sum(e['micro_steps'] for e in plan) // cfg.grad_accum} optimizer steps planned, "
+          f"MLflow run {run_id} at {cfg.tracking_uri}", file=sys.stderr, flush=True)
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    fs, storage_path = storage.filesystem(storage.join(cfg.out, "ray"))
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop_entry,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan, "encode": manifest["encode"], "run_id": run_id,
+                           "final_model_dir": final_model_dir(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"{cfg.phase}",
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets=rank_datasets(cfg.data, plan, cfg.workers),
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    start = time.time()
+    result = trainer.fit()
+    summary = {
+        "phase": cfg.phase,
+        "model_dir": final_model_dir(cfg),
+        "mlflow_run_id": run_id,
+        "tracking_uri": cfg.tracking_uri,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "seconds": round(time.time() - start, 1),
+    }
+    print(f"[train] {cfg.phase} done in {summary['seconds']}s -> {summary['model_dir']}", file=sys.stderr)
+    return summary
+
+
+def _train_loop_entry(loop_config: dict) -> None:
+    # imported in the worker so that DeepSpeed never loads in the driver
+    from components.train.loop import train_loop
+
+    train_loop(loop_config)

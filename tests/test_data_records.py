@@ -1,0 +1,114 @@
+"""Generated datasets and the per-record preprocessing logic (no Ray)."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from components.data.records import BadRecord, ImageSource, RecordProcessor
+from components.data.synth import CORRUPT_KINDS, SynthConfig, synthesize
+from model.presets import preset_config
+from model.vision import build_image_processor
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    return synthesize(SynthConfig(out=str(out), records=40, eval=12, corrupt=1, seed=3)), out
+
+
+@pytest.fixture(scope="module")
+def processor():
+    config, tokenizer = preset_config("tiny")
+    return lambda template: RecordProcessor(tokenizer, build_image_processor(64), template, 16, 256)
+
+
+def test_cc595k_layout(synth):
+    summary, out = synth
+    records = json.load(open(out / "cc595k" / "chat.json"))
+    assert isinstance(records, list) and len(records) == 40 + len(CORRUPT_KINDS)
+    good = [r for r in records if isinstance(r, dict) and r.get("id", "").startswith("GCC_train_")]
+    assert len(good) == 40
+    r = good[0]
+    assert set(r) == {"id", "image", "conversations"} and r["image"] == r["id"] + os.path.splitext(r["image"])[1]
+    assert [t["from"] for t in r["conversations"]] == ["human", "gpt"] and "<image>" in r["conversations"][0]["value"]
+    names = zipfile.ZipFile(out / "cc595k" / "images.zip").namelist()
+    assert {g["image"] for g in good} <= set(names)
+    assert any(n.endswith(".png") for n in names) and any(n.endswith(".jpg") for n in names)
+
+
+def test_instruct_layout(synth):
+    summary, out = synth
+    records = json.load(open(out / "instruct" / "llava_instruct_150k.json"))
+    good = [r for r in records if isinstance(r, dict) and r["id"] not in summary["instruct"]["bad"]]
+    assert any("image" not in r for r in good)  # text-only
+    assert any(isinstance(r.get("image"), list) and len(r["image"]) == 2 for r in good)  # two images
+    assert any(len(r["conversations"]) >= 6 for r in good)  # multi-turn
+    single = [r["image"] for r in good if isinstance(r.get("image"), str)]
+    assert len(single) > len(set(single))  # several conversations per image
+
+
+def test_eval_layouts(synth):
+    summary, out = synth
+    pope = [json.loads(line) for line in open(out / "eval/pope/coco_pope_adversarial.json")]
+    assert set(pope[0]) == {"question_id", "image", "text", "label"} and {p["label"] for p in pope} == {"yes", "no"}
+    q = json.load(open(out / "eval/vqav2/v2_OpenEnded_mscoco_val2014_questions.json"))
+    a = json.load(open(out / "eval/vqav2/v2_mscoco_val2014_annotations.json"))
+    assert {x["question_id"] for x in q["questions"]} == {x["question_id"] for x in a["annotations"]}
+    assert all(len(x["answers"]) == 10 for x in a["annotations"])
+    t = json.load(open(out / "eval/textvqa/TextVQA_0.5.1_val.json"))
+    assert t["dataset_version"] == "0.5.1" and all(len(d["answers"]) == 10 for d in t["data"])
+    for d in t["data"]:
+        assert os.path.isfile(out / "eval/textvqa/images" / f"{d['image_id']}.jpg")
+
+
+@pytest.mark.parametrize("source", ["cc595k", "instruct"])
+def test_every_bad_kind_gives_its_reason(synth, processor, source):
+    summary, out = synth
+    info = summary[source]
+    records = json.load(open(info["json"]))
+    proc = processor("plain" if source == "cc595k" else "v1")
+    images = ImageSource(info["images"])
+    seen = {}
+    for idx, record in enumerate(records):
+        rid = record.get("id") if isinstance(record, dict) else None
+        try:
+            proc.process_one(json.dumps(record), idx, images)
+            assert rid not in info["bad"], f"{rid} should have been rejected"
+        except BadRecord as err:
+            assert rid in info["bad"], f"good record {rid} rejected: {err}"
+            seen[rid] = err.reason
+    assert seen == info["bad"]
+    assert set(seen.values()) == set(CORRUPT_KINDS.values())
+
+
+def test_sample_images_are_processed_pixels(synth, processor):
+    summary, out = synth
+    records = json.load(open(summary["instruct"]["json"]))
+    pair = next(r for r in records if str(r.get("id", "")).startswith("pair_"))
+    sample, pixels = processor("v1").process_one(json.dumps(pair), 0, ImageSource(summary["instruct"]["images"]))
+    assert pixels.shape == (2, 3, 64, 64) and pixels.dtype.name == "float16"
+    assert sample.num_images == 2 and (sample.input_ids == preset_config("tiny")[0].image_token_id).sum() == 32
+
+
+def test_image_source_refuses_a_file_that_is_not_a_zip(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither a folder"):
+        ImageSource(str(tmp_path / "x.txt"))
+
+
+def test_preprocess_command_line_errors(tmp_path):
+    bitllava = os.path.join(os.path.dirname(sys.executable), "bitllava")
+    base = ["data", "preprocess", "--source", "cc595k", "--images", str(tmp_path), "--out", str(tmp_path / "o")]
+    (tmp_path / "a.json").write_text("[]")
+    cases = [
+        (["--json", str(tmp_path / "missing.json"), "--phase", "align"], "does not exist"),
+        (["--json", str(tmp_path / "a.json"), "--phase", "pretrain"], "unknown phase 'pretrain'"),
+        (["--json", str(tmp_path / "a.json"), "--phase", "align", "--encode", "features"], "needs --model"),
+    ]
+    for extra, message in cases:
+        proc = subprocess.run([bitllava, *base, *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
