@@ -255,6 +255,65 @@ def _add_train_parsers(sub) -> None:
     compare.set_defaults(func=_cmd_runs_compare)
 
 
+def _cmd_run(args) -> int:
+    from pipelines.config import load_pipeline_config
+    from pipelines.run import plan, run_pipeline
+
+    cfg = load_pipeline_config(args.config, out=args.out)
+    if args.dry_run:
+        print(json.dumps(plan(cfg), indent=1))
+        return 0
+    summary = run_pipeline(cfg, address=args.address)
+    print(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_submit(args) -> int:
+    from pipelines.submit import submit
+
+    print(json.dumps(submit(args.config, args.address, out=args.out, dry_run=args.dry_run)))
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from pipelines.submit import job_status
+
+    print(json.dumps(job_status(args.job_id, args.address)))
+    return 0
+
+
+def _cmd_logs(args) -> int:
+    from pipelines.submit import job_logs
+
+    job_logs(args.job_id, args.address, follow=args.follow)
+    return 0
+
+
+def _add_run_parsers(sub) -> None:
+    run = sub.add_parser("run", help="the whole pipeline: data -> align -> instruct -> eval -> pack -> deploy")
+    run.add_argument("config", help="pipeline YAML (pipelines/configs/tiny.yaml, llava-olmo-bitnet-1b.yaml)")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
+    run.add_argument("--out", default=None, help="override the config's output root")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    run.set_defaults(func=_cmd_run)
+
+    submit = sub.add_parser("submit", help="submit the pipeline to a Ray cluster through the Ray Jobs API")
+    submit.add_argument("config")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    submit.add_argument("--out", default=None, help="override the config's output root")
+    submit.add_argument("--dry-run", action="store_true", help="the job only validates and prints the plan")
+    submit.set_defaults(func=_cmd_submit)
+    for name, fn, text in (("status", _cmd_status, "a submitted job's status"),
+                           ("logs", _cmd_logs, "a submitted job's logs")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.set_defaults(func=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitllava", description="Train and serve ternary multimodal LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
 
+    _add_run_parsers(sub)
     _add_data_parsers(sub)
     _add_train_parsers(sub)
     _add_eval_parsers(sub)

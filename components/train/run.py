@@ -65,7 +65,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
             worker_runtime_env={"env_vars": env},
         ),
         datasets=rank_datasets(cfg.data, plan, cfg.workers),
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # each rank's stream is already its own; Ray Train must neither split nor reorder it
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_ingest_options()),
     )
     start = time.time()
     result = trainer.fit()
@@ -80,6 +81,14 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     }
     print(f"[train] {cfg.phase} done in {summary['seconds']}s -> {summary['model_dir']}", file=sys.stderr)
     return summary
+
+
+def _ordered_ingest_options():
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True  # data order is part of the run's determinism (resume == uninterrupted)
+    return options
 
 
 def _train_loop_entry(loop_config: dict) -> None:

@@ -1,0 +1,263 @@
+"""`bitllava run CONFIG`: data -> align -> instruct -> eval -> pack -> deploy, on one Ray cluster.
+
+Each step writes its output under the config's `out` root and a marker `_steps/<step>.json` holding
+the hash of its settings and inputs; a step whose marker matches is skipped, so a re-run after a
+failure continues where it stopped. One MLflow parent run per invocation, a nested run per step.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+
+from components import storage
+from components.tracking import create_run, resolve_tracking_uri
+from pipelines.config import PipelineConfig
+
+
+def _log(message: str) -> None:
+    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+
+
+class StepRunner:
+    """Runs steps in order, skipping those already done with the same settings and inputs."""
+
+    def __init__(self, cfg: PipelineConfig, tracking_uri: str, parent_run_id: str):
+        self.cfg, self.tracking_uri, self.parent = cfg, tracking_uri, parent_run_id
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, dict] = {}
+
+    def marker(self, name: str) -> str:
+        return storage.join(self.cfg.out, "_steps", f"{name}.json")
+
+    def run(self, name: str, settings: dict, inputs: list[str], fn) -> dict:
+        key = hashlib.sha256(json.dumps({"step": name, "settings": settings,
+                                         "inputs": [self.keys[i] for i in inputs]},
+                                        sort_keys=True, default=str).encode()).hexdigest()
+        self.keys[name] = key
+        if storage.exists(self.marker(name)):
+            done = json.loads(storage.read_bytes(self.marker(name)))
+            if done["key"] == key:
+                _log(f"{name}: up to date, skipped")
+                self.results[name] = done["result"]
+                return done["result"]
+        _log(f"{name}: running")
+        start = time.time()
+        result = fn()
+        result = {**result, "seconds": round(time.time() - start, 1)}
+        storage.write_bytes_atomic(self.marker(name), json.dumps({"key": key, "result": result}).encode())
+        self.results[name] = result
+        _log(f"{name}: done in {result['seconds']}s")
+        return result
+
+    def nested_run(self, name: str, params: dict, metrics: dict) -> None:
+        import mlflow
+
+        run_id = create_run(self.tracking_uri, self.cfg.mlflow.get("experiment", "bitllava"), name, self.parent,
+                            params=params)
+        client = mlflow.tracking.MlflowClient(self.tracking_uri)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                client.log_metric(run_id, k, float(v))
+        client.set_terminated(run_id)
+
+
+def plan(cfg: PipelineConfig) -> dict:
+    """What `--dry-run` prints: steps, resources, storage, estimated sizes."""
+    from components.train.config import TrainConfig
+    from model.presets import preset_config
+
+    config, _ = preset_config(cfg.preset)
+    vision = config.vision_config
+    pixels = 3 * vision.image_size**2 * 2
+    features = config.num_image_tokens * vision.hidden_size * 2
+    records = {"cc595k": 595_375, "instruct": 157_712}
+    if cfg.data.synth:
+        records = {"cc595k": cfg.data.synth.get("records", 200), "instruct": cfg.data.synth.get("records", 200)}
+    enc = {"align": cfg.preprocess.get("encode_align", "pixels"),
+           "instruct": cfg.preprocess.get("encode_instruct", "pixels")}
+    train = {p: cfg.train_config(p, data="<store>", out="<out>", init="<init>") for p in ("align", "instruct")}
+
+    def resources(t: TrainConfig) -> str:
+        return f"{t.workers} workers x ({'1 GPU' if t.use_gpu else f'{t.cpus_per_worker} CPU'}), ZeRO-{t.zero_stage}"
+
+    return {
+        "name": cfg.name, "preset": cfg.preset, "out": cfg.out,
+        "steps": [
+            {"step": "init", "output": storage.join(cfg.out, "model-init"), "vision": cfg.vision, "llm": cfg.llm},
+            *([{"step": "synth", "output": storage.join(cfg.out, "synth"), **cfg.data.synth}]
+              if cfg.data.synth else []),
+            *({"step": f"preprocess-{p}", "encode": enc[p], "output": storage.join(cfg.out, "stores", p),
+               "estimated_bytes": records["cc595k" if p == "align" else "instruct"]
+               * (pixels if enc[p] == "pixels" else features)} for p in ("align", "instruct")),
+            *({"step": f"train-{p}", "resources": resources(train[p]), "output": storage.join(cfg.out, p),
+               "global_batch": train[p].global_batch, "lr": train[p].lr} for p in ("align", "instruct")),
+            *({"step": f"eval-{t}", "output": storage.join(cfg.out, "eval", t)} for t in cfg.eval.get("tasks", [])),
+            {"step": "pack", "format": cfg.pack.get("format", "2bit"), "output": storage.join(cfg.out, "packed")},
+            {"step": "deploy", "keep_running": cfg.serve.get("keep_running", False)},
+        ],
+    }
+
+
+def eval_sources(cfg: PipelineConfig, synth: dict | None) -> dict:
+    if cfg.data.synth:
+        ev = synth["eval"]
+        return {
+            "pope": {"annotations": [ev["pope"]["questions"][s] for s in ("random", "popular", "adversarial")],
+                     "images": ev["pope"]["images"]},
+            "vqav2": {"questions": ev["vqav2"]["questions"], "annotations": [ev["vqav2"]["annotations"]],
+                      "images": ev["vqav2"]["images"]},
+            "textvqa": {"annotations": [ev["textvqa"]["annotations"]], "images": ev["textvqa"]["images"]},
+        }
+    return cfg.data.eval
+
+
+def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> dict:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.get("tracking_uri"), cfg.out)
+    experiment = cfg.mlflow.get("experiment", "bitllava")
+    parent = create_run(tracking_uri, experiment, f"pipeline-{cfg.name}",
+                        params={k: v for k, v in dataclasses.asdict(cfg).items()}, tags={"pipeline": cfg.name})
+    steps = StepRunner(cfg, tracking_uri, parent)
+    out = cfg.out
+
+    def do_init():
+        from model.assemble import init_model
+        from model.checkpoint import save_model
+        from components.train.outputs import publish_folder
+        import tempfile
+
+        model, tokenizer, processor = init_model(cfg.preset, seed=cfg.seed, vision=cfg.vision, llm=cfg.llm)
+        with tempfile.TemporaryDirectory() as d:
+            save_model(d, model, tokenizer, processor)
+            publish_folder(d, storage.join(out, "model-init"))
+        return {"model_dir": storage.join(out, "model-init")}
+
+    base = steps.run("init", {"preset": cfg.preset, "seed": cfg.seed, "vision": cfg.vision, "llm": cfg.llm},
+                     [], do_init)["model_dir"]
+
+    synth = None
+    if cfg.data.synth:
+        from components.data.synth import SynthConfig, synthesize
+
+        synth = steps.run("synth", cfg.data.synth, [], lambda: synthesize(
+            SynthConfig(out=storage.join(out, "synth"), seed=cfg.seed, **cfg.data.synth)))
+        sources = {"cc595k": synth["cc595k"], "instruct": synth["instruct"]}
+    else:
+        sources = {"cc595k": cfg.data.cc595k, "instruct": cfg.data.instruct}
+
+    from components.data.preprocess import PreprocessConfig, preprocess
+
+    stores = {}
+    for phase, source in (("align", "cc595k"), ("instruct", "instruct")):
+        settings = {"encode": cfg.preprocess.get(f"encode_{phase}", "pixels"),
+                    "shard_records": cfg.preprocess.get("shard_records", 256),
+                    "max_length": cfg.preprocess.get("max_length"),
+                    "json": sources[source]["json"], "images": sources[source]["images"]}
+        store = storage.join(out, "stores", phase)
+
+        def do_preprocess(phase=phase, source=source, settings=settings, store=store):
+            manifest = preprocess(PreprocessConfig(source=source, phase=phase, out=store, model=base, **settings))
+            steps.nested_run(f"preprocess-{phase}", settings, manifest["counts"])
+            return {"store": store, "counts": manifest["counts"], "content_hash": manifest["content_hash"]}
+
+        stores[phase] = steps.run(f"preprocess-{phase}", settings, ["init"] + (["synth"] if synth else []),
+                                  do_preprocess)["store"]
+
+    from components.train.run import run_training
+
+    init = base
+    for phase in ("align", "instruct"):
+        tcfg = cfg.train_config(phase, data=stores[phase], out=storage.join(out, phase), init=init,
+                                tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent,
+                                run_name=f"train-{phase}")
+        settings = {k: v for k, v in tcfg.to_dict().items() if k not in ("parent_run_id", "tracking_uri")}
+        init = steps.run(f"train-{phase}", settings, [f"preprocess-{phase}"] + (["train-align"] if phase ==
+                         "instruct" else []), lambda tcfg=tcfg: run_training(tcfg))["model_dir"]
+    model_dir = init
+
+    from components.evaluate.run import EvalConfig, run_eval
+
+    metrics = {}
+    evals = eval_sources(cfg, synth)
+    for task in cfg.eval.get("tasks", []):
+        src = evals[task]
+        settings = {"limit": cfg.eval.get("limit"), "batch_size": cfg.eval.get("batch_size", 8),
+                    "num_actors": cfg.eval.get("num_actors", 1), **src}
+        ecfg = EvalConfig(task=task, model=model_dir, images=src["images"], out_dir=storage.join(out, "eval", task),
+                          annotations=list(src.get("annotations", [])), questions=src.get("questions"),
+                          limit=settings["limit"], batch_size=settings["batch_size"],
+                          num_actors=settings["num_actors"], tracking_uri=tracking_uri, experiment=experiment,
+                          mlflow_parent_run_id=parent, run_name=f"eval-{task}")
+        metrics[task] = steps.run(f"eval-{task}", settings, ["train-instruct"], lambda ecfg=ecfg: run_eval(ecfg))
+
+    from components.pack import PackConfig, run_pack
+
+    packed = storage.join(out, "packed")
+
+    def do_pack():
+        report = run_pack(PackConfig(out=packed, checkpoint=model_dir, format=cfg.pack.get("format", "2bit"),
+                                     overwrite=True))
+        steps.nested_run("pack", {"format": cfg.pack.get("format", "2bit")},
+                         {k: v for k, v in report.items() if isinstance(v, (int, float))})
+        return {"packed_dir": packed, "report": report}
+
+    steps.run("pack", cfg.pack, ["train-instruct"], do_pack)
+    served = deploy(cfg, packed, synth)
+    summary = {"pipeline": cfg.name, "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri,
+               "model_dir": model_dir, "packed_dir": packed,
+               "eval": {t: m.get("metrics", m) for t, m in metrics.items()}, "served": served}
+    import mlflow
+
+    mlflow.tracking.MlflowClient(tracking_uri).set_terminated(parent)
+    return summary
+
+
+def _image_data_url(path: str) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(path) as img:
+        img.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def deploy(cfg: PipelineConfig, packed: str, synth: dict | None) -> dict:
+    """Start the Serve app on the packed model, send one chat request with an image over HTTP."""
+    import urllib.request
+
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = int(cfg.serve.get("port", 8000))
+    args = {"model": packed, **({"config": cfg.serve["config"]} if cfg.serve.get("config") else {})}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="bitllava", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    content = [{"type": "text", "text": cfg.serve.get("prompt", "Describe the image.")}]
+    image = None
+    if synth:
+        folder = synth["eval"]["vqav2"]["images"]
+        image = os.path.join(folder, sorted(os.listdir(folder))[0])
+        content.insert(0, {"type": "image_url", "image_url": {"url": _image_data_url(image)}})
+    body = json.dumps({"model": "bitllava", "messages": [{"role": "user", "content": content}],
+                       "max_tokens": 16, "temperature": 0}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        reply = json.loads(response.read())
+    answer = reply["choices"][0]["message"]["content"]
+    _log(f"served answer: {answer!r} (endpoint {url})")
+    if not cfg.serve.get("keep_running", False):
+        serve.shutdown()
+    return {"endpoint": url, "prompt": content[-1]["text"], "image": image, "answer": answer,
+            "usage": reply.get("usage")}

@@ -1,0 +1,56 @@
+"""Submit the pipeline to a Ray cluster through the Ray Jobs API, and follow it.
+
+The job's runtime environment carries the project (its working directory, without local outputs
+and the virtualenv); the cluster's nodes provide the dependencies (the project's image, see infra/).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pipelines.config import ROOT, load_pipeline_config
+
+EXCLUDES = [".venv", ".git", "demo_out", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info", "build"]
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def submit(config: str, address: str, out: str | None = None, dry_run: bool = False) -> dict:
+    load_pipeline_config(config, out=out)  # refuse a bad config before it reaches the cluster
+    rel = os.path.relpath(os.path.abspath(config), ROOT)
+    if rel.startswith(".."):
+        raise ValueError(f"{config} must lie inside the project ({ROOT}) so that the job carries it")
+    entrypoint = f"python -m pipelines.cli run {rel}" + (f" --out {out}" if out else "") + (
+        " --dry-run" if dry_run else "")
+    job_id = _client(address).submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": ROOT, "excludes": EXCLUDES, "env_vars": {"PYTHONPATH": "."}},
+    )
+    print(f"[submit] job {job_id} on {address}: {entrypoint}", file=sys.stderr)
+    return {"job_id": job_id, "address": address, "entrypoint": entrypoint}
+
+
+def job_status(job_id: str, address: str) -> dict:
+    info = _client(address).get_job_info(job_id)
+    return {"job_id": job_id, "status": str(info.status), "message": info.message,
+            "entrypoint": info.entrypoint}
+
+
+def job_logs(job_id: str, address: str, follow: bool = False) -> None:
+    client = _client(address)
+    if not follow:
+        sys.stdout.write(client.get_job_logs(job_id))
+        return
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
