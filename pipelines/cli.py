@@ -263,9 +263,19 @@ def _cmd_run(args) -> int:
     if args.dry_run:
         print(json.dumps(plan(cfg), indent=1))
         return 0
-    summary = run_pipeline(cfg, address=args.address)
+    summary = run_pipeline(cfg, address=args.address, until=args.until)
+    if args.until:
+        print(json.dumps(summary, default=str))
+        return 0
     print(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}", file=sys.stderr)
     print(json.dumps(summary))
+    return 0
+
+
+def _cmd_kfp_compile(args) -> int:
+    from pipelines.kfp_pipeline import compile_pipeline
+
+    print(compile_pipeline(args.config, args.output))
     return 0
 
 
@@ -296,7 +306,14 @@ def _add_run_parsers(sub) -> None:
     run.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
     run.add_argument("--out", default=None, help="override the config's output root")
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    run.add_argument("--until", default=None, help="stop after this step (init, synth, preprocess-align, ...)")
     run.set_defaults(func=_cmd_run)
+
+    kfp = sub.add_parser("kfp", help="Kubeflow Pipelines").add_subparsers(dest="kfp_command", required=True)
+    compile_ = kfp.add_parser("compile", help="compile a pipeline config to a KFP v2 pipeline YAML")
+    compile_.add_argument("config")
+    compile_.add_argument("output")
+    compile_.set_defaults(func=_cmd_kfp_compile)
 
     submit = sub.add_parser("submit", help="submit the pipeline to a Ray cluster through the Ray Jobs API")
     submit.add_argument("config")
@@ -312,6 +329,25 @@ def _add_run_parsers(sub) -> None:
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="stream until the job ends")
         p.set_defaults(func=fn)
+
+
+def _cmd_serve(args) -> int:
+    from serve.app import run_serve
+
+    run_serve(args.model, config_path=args.config, address=args.address, host=args.host, port=args.port)
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible Ray Serve endpoint for a packed model (Ctrl-C stops it)")
+    serve.add_argument("model", help="packed model folder (bitllava pack) or s3:// URI; replaces args.model")
+    serve.add_argument("--config", default=None,
+                       help="Serve config file (default: the packaged serve/serve.yaml): args, replicas, "
+                            "autoscaling_config, max_ongoing_requests, resources")
+    serve.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    serve.add_argument("--host", default=None, help="HTTP host (default: the config's http_options, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
+    serve.set_defaults(func=_cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parsers(sub)
     _add_eval_parsers(sub)
     _add_pack_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

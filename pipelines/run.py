@@ -25,11 +25,19 @@ def _log(message: str) -> None:
     print(f"[pipeline] {message}", file=sys.stderr, flush=True)
 
 
+STEPS = ("init", "synth", "preprocess-align", "preprocess-instruct", "train-align", "train-instruct", "eval",
+         "pack", "deploy")
+
+
+class StopPipeline(Exception):
+    """Raised after the step named by `until` (a Kubeflow task runs the pipeline up to its own step)."""
+
+
 class StepRunner:
     """Runs steps in order, skipping those already done with the same settings and inputs."""
 
-    def __init__(self, cfg: PipelineConfig, tracking_uri: str, parent_run_id: str):
-        self.cfg, self.tracking_uri, self.parent = cfg, tracking_uri, parent_run_id
+    def __init__(self, cfg: PipelineConfig, tracking_uri: str, parent_run_id: str, until: str | None = None):
+        self.cfg, self.tracking_uri, self.parent, self.until = cfg, tracking_uri, parent_run_id, until
         self.keys: dict[str, str] = {}
         self.results: dict[str, dict] = {}
 
@@ -46,6 +54,7 @@ class StepRunner:
             if done["key"] == key:
                 _log(f"{name}: up to date, skipped")
                 self.results[name] = done["result"]
+                self.check_until(name)
                 return done["result"]
         _log(f"{name}: running")
         start = time.time()
@@ -54,7 +63,13 @@ class StepRunner:
         storage.write_bytes_atomic(self.marker(name), json.dumps({"key": key, "result": result}).encode())
         self.results[name] = result
         _log(f"{name}: done in {result['seconds']}s")
+        self.check_until(name)
         return result
+
+    def check_until(self, name: str) -> None:
+        if self.until and (name == self.until or (self.until == "eval" and name.startswith("eval-")
+                                                  and name == f"eval-{self.cfg.eval['tasks'][-1]}")):
+            raise StopPipeline(name)
 
     def nested_run(self, name: str, params: dict, metrics: dict) -> None:
         import mlflow
@@ -118,16 +133,29 @@ def eval_sources(cfg: PipelineConfig, synth: dict | None) -> dict:
     return cfg.data.eval
 
 
-def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> dict:
+def run_pipeline(cfg: PipelineConfig, address: str | None = None, until: str | None = None) -> dict:
+    """Run every step (or the steps up to `until`); returns the summary (or the steps' results when stopped)."""
     import ray
 
+    if until is not None and until not in STEPS:
+        raise ValueError(f"unknown step {until!r}; choose one of {STEPS}")
+    if until == "synth" and not cfg.data.synth:
+        raise ValueError("this config generates no data: there is no synth step")
     if not ray.is_initialized():
         ray.init(address=address)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.get("tracking_uri"), cfg.out)
     experiment = cfg.mlflow.get("experiment", "bitllava")
     parent = create_run(tracking_uri, experiment, f"pipeline-{cfg.name}",
                         params={k: v for k, v in dataclasses.asdict(cfg).items()}, tags={"pipeline": cfg.name})
-    steps = StepRunner(cfg, tracking_uri, parent)
+    steps = StepRunner(cfg, tracking_uri, parent, until)
+    try:
+        return _run_steps(cfg, steps, tracking_uri, experiment, parent)
+    except StopPipeline as stop:
+        _log(f"stopped after {stop}")
+        return {"pipeline": cfg.name, "until": until, "steps": steps.results, "mlflow_parent_run_id": parent}
+
+
+def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experiment: str, parent: str) -> dict:
     out = cfg.out
 
     def do_init():
@@ -213,6 +241,7 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> dict:
 
     steps.run("pack", cfg.pack, ["train-instruct"], do_pack)
     served = deploy(cfg, packed, synth)
+    steps.results["deploy"] = served
     summary = {"pipeline": cfg.name, "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri,
                "model_dir": model_dir, "packed_dir": packed,
                "eval": {t: m.get("metrics", m) for t, m in metrics.items()}, "served": served}

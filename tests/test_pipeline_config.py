@@ -76,3 +76,29 @@ def test_dry_run_command():
     report = json.loads(out.stdout)
     train = [s for s in report["steps"] if s["step"] == "train-instruct"][0]
     assert train["resources"] == "8 workers x (1 GPU), ZeRO-3" and train["global_batch"] == 8 * 2 * 8
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "llava-olmo-bitnet-1b.yaml"])
+def test_kfp_compile_orders_the_steps(tmp_path, name):
+    out = tmp_path / "pipeline.yaml"
+    bitllava = os.path.join(os.path.dirname(sys.executable), "bitllava")
+    proc = subprocess.run([bitllava, "kfp", "compile", os.path.join(ROOT, "pipelines", "configs", name), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    spec = yaml.safe_load(out.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    order = {t["taskInfo"]["name"]: t for t in tasks.values()}
+    expected = ["init", "synth", "preprocess-align", "preprocess-instruct", "train-align", "train-instruct",
+                "eval", "pack", "deploy"]
+    if name != "tiny.yaml":
+        expected.remove("synth")
+    assert list(order) == expected or sorted(order) == sorted(expected)
+    by_task = {key: t["taskInfo"]["name"] for key, t in tasks.items()}
+    for key, task in tasks.items():
+        step = by_task[key]
+        i = expected.index(step)
+        deps = [by_task[d] for d in task.get("dependentTasks", [])]
+        assert deps == ([expected[i - 1]] if i else []), (step, deps)
+        assert task["inputs"]["parameters"]["step"]["runtimeValue"]["constant"] == step
+    image = spec["deploymentSpec"]["executors"]["exec-pipeline-step"]["container"]["image"]
+    assert image.endswith("-ray2.60.0")
