@@ -32,7 +32,7 @@ from model.vision import build_image_processor  # noqa: E402
 
 
 class PeakMemory:
-    """Peak of the summed RSS of this process and all Ray worker processes, sampled every 50 ms."""
+    """Peak of the summed RSS of this process and all Ray worker processes, sampled every 250 ms."""
 
     def __init__(self):
         self.peak, self._stop = 0, threading.Event()
@@ -52,7 +52,7 @@ class PeakMemory:
         def loop():
             while not self._stop.is_set():
                 self.peak = max(self.peak, self._sample())
-                time.sleep(0.05)
+                time.sleep(0.25)
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
         return self
