@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import traceback
 import json
 import sys
 
@@ -282,7 +284,7 @@ def _cmd_kfp_compile(args) -> int:
 def _cmd_submit(args) -> int:
     from pipelines.submit import submit
 
-    print(json.dumps(submit(args.config, args.address, out=args.out, dry_run=args.dry_run)))
+    print(json.dumps(submit(args.config, args.address, out=args.out, dry_run=args.dry_run, until=args.until)))
     return 0
 
 
@@ -320,6 +322,7 @@ def _add_run_parsers(sub) -> None:
     submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     submit.add_argument("--out", default=None, help="override the config's output root")
     submit.add_argument("--dry-run", action="store_true", help="the job only validates and prints the plan")
+    submit.add_argument("--until", default=None, help="the job stops after this step")
     submit.set_defaults(func=_cmd_submit)
     for name, fn, text in (("status", _cmd_status, "a submitted job's status"),
                            ("logs", _cmd_logs, "a submitted job's logs")):
@@ -399,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("BITLLAVA_DEBUG"):
+            traceback.print_exc()
         print(f"bitllava: error: {err}", file=sys.stderr)
         return 2
 

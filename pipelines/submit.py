@@ -20,19 +20,45 @@ def _client(address: str):
     return JobSubmissionClient(address)
 
 
-def submit(config: str, address: str, out: str | None = None, dry_run: bool = False) -> dict:
+def submit(config: str, address: str, out: str | None = None, dry_run: bool = False, until: str | None = None) -> dict:
     load_pipeline_config(config, out=out)  # refuse a bad config before it reaches the cluster
     rel = os.path.relpath(os.path.abspath(config), ROOT)
     if rel.startswith(".."):
         raise ValueError(f"{config} must lie inside the project ({ROOT}) so that the job carries it")
     entrypoint = f"python -m pipelines.cli run {rel}" + (f" --out {out}" if out else "") + (
-        " --dry-run" if dry_run else "")
-    job_id = _client(address).submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": ROOT, "excludes": EXCLUDES, "env_vars": {"PYTHONPATH": "."}},
-    )
+        " --dry-run" if dry_run else "") + (f" --until {until}" if until else "")
+    import time
+
+    client = _client(address)
+    for attempt in range(30):  # a freshly started head answers "No available agent" for a few seconds
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": ROOT, "excludes": EXCLUDES,
+                             "env_vars": {"PYTHONPATH": ".", "BITLLAVA_DEBUG": "1"}},
+            )
+            break
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or attempt == 29:
+                raise
+            time.sleep(2)
     print(f"[submit] job {job_id} on {address}: {entrypoint}", file=sys.stderr)
     return {"job_id": job_id, "address": address, "entrypoint": entrypoint}
+
+
+def wait_for_job(job_id: str, address: str, timeout_s: float = 1800) -> str:
+    """Poll until the job ends; returns its final status name."""
+    import time
+
+    from ray.job_submission import JobStatus
+
+    client, deadline = _client(address), time.time() + timeout_s
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status)
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} still running after {timeout_s}s")
 
 
 def job_status(job_id: str, address: str) -> dict:
