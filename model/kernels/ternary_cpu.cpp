@@ -1,0 +1,402 @@
+// CPU kernels for packed ternary linears and the output head (AVX2 + FMA, multi-threaded).
+//
+// Layout (model/packing.py, "2bit"): each weight row of Kp codes (Kp % 128 == 0) is Kp/4 bytes;
+// in every 128-code block, byte j holds codes j, j+32, j+64, j+96 as digits d = code + 1 in
+// bits 0-1, 2-3, 4-5, 6-7. One 32-byte load, three shifts and four masks give four registers of
+// 32 consecutive digits in {0, 1, 2}.
+//
+// Integer dot product without unpacking to signed values (the trick of bitnet.cpp's I2_S and of
+// llama.cpp's TQ2_0 AVX2 path): _mm256_maddubs_epi16 multiplies unsigned digits by signed int8
+// activations, so sum_k code_k x_k = sum_k d_k x_k - sum_k x_k, with sum_k x_k computed once
+// per token. Every product and sum is exact in int16/int32, so the result equals the plain
+// PyTorch reference (model/kernels/reference.py) bit for bit.
+//
+// Threads: OpenMP (the runtime PyTorch's CPU builds use, so torch.set_num_threads applies) over
+// chunks of output rows, scheduled dynamically: on a shared machine a descheduled thread holds
+// up only its current chunk, where a static split (at::parallel_for) waits for half the rows.
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 128;      // codes per block
+constexpr int64_t kBlockBytes = 32;  // bytes per block
+constexpr int64_t kRows = 4;         // weight rows per tile (unpacked once, reused by every token)
+constexpr int kStreams = 4;          // decode: rows read at once, from 4 stripes of a chunk
+constexpr int64_t kChunkRows = 512;  // decode: rows per chunk of work (4 stripes of 128 rows)
+
+// f(begin, end) over [0, n) in chunks of `chunk`, shared out dynamically by OpenMP threads
+// (serially for small problems, where starting the threads costs more than it saves).
+template <typename F>
+inline void parallel_chunks(int64_t n, int64_t chunk, bool worth_threads, const F& f) {
+  const int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1) if (worth_threads && chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) f(c * chunk, std::min(n, (c + 1) * chunk));
+}
+
+constexpr int64_t kParallelBytes = 1 << 16;  // weight bytes below which one thread does the call
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// sum_k d_k x_k over `nb` blocks for S weight rows (w[0..S-1]) and one activation row.
+// d_k in {0,1,2}, x_k in [-128, 127]: one maddubs lane is >= -512, four of them >= -2048,
+// so int16 partial sums over 8 blocks stay above -16384 before widening to int32.
+// The S rows are far apart in memory (see kStreams): S independent sequential streams keep more
+// memory requests in flight than one, which is what decode at batch 1 is bound by.
+template <int S>
+inline void dot_rows_fused(const uint8_t* const* w, const int8_t* x, int64_t nb, int32_t* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[S];
+  for (int r = 0; r < S; ++r) acc[r] = _mm256_setzero_si256();
+  int64_t b = 0;
+  while (b < nb) {
+    const int64_t stop = std::min(nb, b + 8);
+    __m256i acc16[S];
+    for (int r = 0; r < S; ++r) acc16[r] = _mm256_setzero_si256();
+    for (; b < stop; ++b) {
+      const int8_t* xb = x + b * kBlock;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
+      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64));
+      const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 96));
+      for (int r = 0; r < S; ++r) {
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + b * kBlockBytes));
+        const __m256i d0 = _mm256_and_si256(p, mask);
+        const __m256i d1 = _mm256_and_si256(_mm256_srli_epi16(p, 2), mask);
+        const __m256i d2 = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+        const __m256i d3 = _mm256_and_si256(_mm256_srli_epi16(p, 6), mask);
+        const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(d0, x0), _mm256_maddubs_epi16(d1, x1));
+        const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(d2, x2), _mm256_maddubs_epi16(d3, x3));
+        acc16[r] = _mm256_add_epi16(acc16[r], _mm256_add_epi16(s01, s23));
+      }
+    }
+    for (int r = 0; r < S; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(acc16[r], ones));
+  }
+  for (int r = 0; r < S; ++r) out[r] = hsum_epi32(acc[r]);
+}
+
+// Unpack `nrows` rows of 2-bit digits into a scratch buffer (nrows, Kp) of uint8 digits.
+inline void unpack_rows(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t nb, uint8_t* dst, int64_t kp) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  for (int64_t r = 0; r < nrows; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row_bytes + b * kBlockBytes));
+      uint8_t* o = dst + r * kp + b * kBlock;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_and_si256(p, mask));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), _mm256_and_si256(_mm256_srli_epi16(p, 2), mask));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 64), _mm256_and_si256(_mm256_srli_epi16(p, 4), mask));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 96), _mm256_and_si256(_mm256_srli_epi16(p, 6), mask));
+    }
+  }
+}
+
+// sum_k d_k x_t[k] for unpacked digits (Kp,) and MT activation rows x + t * kp: each digit
+// register is loaded once for MT tokens. Lanes stay above -2048 per block (see dot_rows_fused).
+template <int MT>
+inline void dot_digits(const uint8_t* d, const int8_t* x, int64_t kp, int32_t* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kp; k += kBlock) {
+    __m256i s[MT];
+    for (int t = 0; t < MT; ++t) s[t] = _mm256_setzero_si256();
+    for (int64_t j = 0; j < kBlock; j += 32) {
+      const __m256i dv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + k + j));
+      for (int t = 0; t < MT; ++t) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * kp + k + j));
+        s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(dv, xv));
+      }
+    }
+    for (int t = 0; t < MT; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s[t], ones));
+  }
+  for (int t = 0; t < MT; ++t) out[t] = hsum_epi32(acc[t]);
+}
+
+void check_common(const torch::Tensor& x, const torch::Tensor& x_scale, const torch::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x_scale.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt8 && x.is_contiguous(), "x must be contiguous int8 (M, Kp)");
+  TORCH_CHECK(x_scale.dim() == 1 && x_scale.scalar_type() == torch::kFloat && x_scale.size(0) == x.size(0),
+              "x_scale must be float32 (M,)");
+  TORCH_CHECK(x_scale.is_contiguous(), "x_scale must be contiguous");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be a contiguous 2-D tensor");
+}
+
+// y[m, n] = (sum_k code[n, k] * x[m, k]) / (x_scale[m] * w_scale) into y (M, N) float32.
+// x: int8 (M, Kp), Kp % 128 == 0, zero past the true K; w: N rows of Kp / 4 bytes (2-bit layout).
+void ternary_gemm(const int8_t* xp, const float* sp, int64_t M, int64_t kp, const uint8_t* wp, int64_t N,
+                  float ws, float* yp) {
+  const int64_t row_bytes = kp / 4, nb = kp / kBlock;
+  std::vector<int32_t> xsum(M);
+  std::vector<float> denom(M);
+  for (int64_t m = 0; m < M; ++m) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < kp; ++k) s += xp[m * kp + k];
+    xsum[m] = s;
+    denom[m] = sp[m] * ws;  // the same float32 product as the reference's s_x * s_w
+  }
+
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  if (M == 1) {
+    // decode: fused unpack + dot; each chunk of rows is read as kStreams stripes at once
+    parallel_chunks(N, kChunkRows, N * row_bytes >= kParallelBytes, [&](int64_t n0, int64_t n1) {
+      const int64_t per = (n1 - n0) / kStreams;
+      for (int64_t i = 0; i < per; ++i) {
+        const uint8_t* rows[kStreams];
+        int32_t dots[kStreams];
+        for (int r = 0; r < kStreams; ++r) rows[r] = wp + (n0 + r * per + i) * row_bytes;
+        dot_rows_fused<kStreams>(rows, xp, nb, dots);
+        for (int r = 0; r < kStreams; ++r) yp[n0 + r * per + i] = static_cast<float>(dots[r] - xsum[0]) / denom[0];
+      }
+      for (int64_t n = n0 + kStreams * per; n < n1; ++n) {
+        const uint8_t* row = wp + n * row_bytes;
+        int32_t dot;
+        dot_rows_fused<1>(&row, xp, nb, &dot);
+        yp[n] = static_cast<float>(dot - xsum[0]) / denom[0];
+      }
+    });
+  } else {
+    // prefill / batches: unpack a tile of rows once, reuse it for every activation row
+    parallel_chunks(tiles, 4, N * row_bytes * M >= kParallelBytes, [&](int64_t t0, int64_t t1) {
+      std::vector<uint8_t> digits(kRows * kp);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kRows;
+        const int64_t nr = std::min(kRows, N - n0);
+        unpack_rows(wp + n0 * row_bytes, row_bytes, nr, nb, digits.data(), kp);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          const int64_t mt = std::min<int64_t>(4, M - m0);
+          for (int64_t r = 0; r < nr; ++r) {
+            const uint8_t* d = digits.data() + r * kp;
+            int32_t dots[4];
+            if (mt == 4) {
+              dot_digits<4>(d, xp + m0 * kp, kp, dots);
+            } else {
+              for (int64_t t = 0; t < mt; ++t) dot_digits<1>(d, xp + (m0 + t) * kp, kp, dots + t);
+            }
+            for (int64_t t = 0; t < mt; ++t) {
+              const int64_t m = m0 + t;
+              yp[m * N + n0 + r] = static_cast<float>(dots[t] - xsum[m]) / denom[m];
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// Per-token int8 quantisation of x_n = rms_norm(x) (float32 or bfloat16 (M, K)), exactly as
+// model/bitlinear.py computes it in x_n's dtype (bf16 results rounded to nearest-even after
+// every op, as PyTorch's CPU kernels do):
+//   s_x = reciprocal(clamp(max|x_n|, 1e-5)) * 127   (Python's `127 / t` is `t.reciprocal() * 127`)
+//   x_i = clamp(round_half_even(x_n * s_x), -128, 127)
+template <typename T>
+inline float to_f(T v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_f(float v) { return static_cast<T>(v); }  // c10::BFloat16 rounds to nearest-even
+
+template <typename T>
+void quantize_rows(const T* xn, int64_t M, int64_t K, int64_t kp, int8_t* xq, float* sx) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = xn + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_f(row[k])));
+    const T clamped = from_f<T>(std::max(amax, to_f(from_f<T>(1e-5f))));
+    const T recip = from_f<T>(1.f / to_f(clamped));
+    const T s = from_f<T>(to_f(recip) * 127.f);
+    int8_t* q = xq + m * kp;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = to_f(from_f<T>(to_f(row[k]) * to_f(s)));
+      q[k] = static_cast<int8_t>(std::min(127.f, std::max(-128.f, std::nearbyint(v))));
+    }
+    std::memset(q + K, 0, kp - K);
+    sx[m] = to_f(s);
+  }
+}
+
+}  // namespace
+
+// The packed linear from int8 activations: x int8 (M, Kp), x_scale float32 (M,) -> float32 (M, N).
+torch::Tensor ternary_linear(torch::Tensor x, torch::Tensor x_scale, torch::Tensor w, double w_scale) {
+  check_common(x, x_scale, w);
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8, "w must be uint8 (N, Kp/4)");
+  const int64_t M = x.size(0), kp = x.size(1), N = w.size(0);
+  TORCH_CHECK(kp % kBlock == 0, "Kp must be a multiple of 128, got ", kp);
+  TORCH_CHECK(w.size(1) * 4 == kp, "w has ", w.size(1), " bytes per row; x needs ", kp / 4);
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  ternary_gemm(x.data_ptr<int8_t>(), x_scale.data_ptr<float>(), M, kp, w.data_ptr<uint8_t>(), N,
+               static_cast<float>(w_scale), y.data_ptr<float>());
+  return y;
+}
+
+// The packed linear from x_n = rms_norm(x): quantisation fused in (one call per layer instead of
+// a dozen small PyTorch ops). x_n: float32 or bfloat16 (M, K) contiguous -> float32 (M, N).
+torch::Tensor ternary_linear_normed(torch::Tensor xn, torch::Tensor w, double w_scale) {
+  TORCH_CHECK(xn.device().is_cpu() && w.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(xn.dim() == 2 && xn.is_contiguous(), "x_n must be a contiguous (M, K) tensor");
+  TORCH_CHECK(xn.scalar_type() == torch::kFloat || xn.scalar_type() == torch::kBFloat16, "x_n must be float32 or bfloat16");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kUInt8, "w must be contiguous uint8 (N, Kp/4)");
+  const int64_t M = xn.size(0), K = xn.size(1), N = w.size(0), kp = w.size(1) * 4;
+  TORCH_CHECK(K <= kp && kp - K < kBlock, "x_n has ", K, " features; w rows hold ", kp, " codes");
+  auto xq = torch::empty({M, kp}, xn.options().dtype(torch::kInt8));
+  auto sx = torch::empty({M}, xn.options().dtype(torch::kFloat));
+  if (xn.scalar_type() == torch::kFloat) {
+    quantize_rows<float>(xn.data_ptr<float>(), M, K, kp, xq.data_ptr<int8_t>(), sx.data_ptr<float>());
+  } else {
+    quantize_rows<c10::BFloat16>(xn.data_ptr<c10::BFloat16>(), M, K, kp, xq.data_ptr<int8_t>(), sx.data_ptr<float>());
+  }
+  auto y = torch::empty({M, N}, xn.options().dtype(torch::kFloat));
+  ternary_gemm(xq.data_ptr<int8_t>(), sx.data_ptr<float>(), M, kp, w.data_ptr<uint8_t>(), N,
+               static_cast<float>(w_scale), y.data_ptr<float>());
+  return y;
+}
+
+namespace {
+
+// rms_norm(x, eps) of model/bitlinear.py, in the same arithmetic: x32 = float(x);
+// mean = sum(x32 * x32) / K, the sum by PyTorch's own reduction kernel (so in its order);
+// x_n = to_dtype(x32 * (1 / sqrt(mean + eps))). Elementwise steps are exact IEEE float ops
+// (PyTorch's pow(2) is x * x, its rsqrt 1 / sqrt, its bf16 casts round to nearest-even).
+template <typename T>
+torch::Tensor rms_norm_rows(const torch::Tensor& x, double eps) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  auto squares = torch::empty({M, K}, x.options().dtype(torch::kFloat));
+  float* sq = squares.data_ptr<float>();
+  for (int64_t i = 0; i < M * K; ++i) {
+    const float v = to_f(xp[i]);
+    sq[i] = v * v;
+  }
+  const auto sums = squares.sum(-1);  // (M,)
+  const float* su = sums.data_ptr<float>();
+  auto out = torch::empty_like(x);
+  T* op = out.data_ptr<T>();
+  const float epsf = static_cast<float>(eps);
+  for (int64_t m = 0; m < M; ++m) {
+    const float r = 1.f / std::sqrt(su[m] / static_cast<float>(K) + epsf);
+    for (int64_t k = 0; k < K; ++k) op[m * K + k] = from_f<T>(to_f(xp[m * K + k]) * r);
+  }
+  return out;
+}
+
+}  // namespace
+
+// The whole PackedBitLinear forward for CPU activations x (M, K), float32 or bfloat16:
+//   x_n = rms_norm(x, eps), y = ternary_linear_normed(x_n, w, w_scale), cast to x's dtype.
+// One Python call per layer instead of about fifteen PyTorch ops; bit-identical to the Python path
+// (tests/test_packed_kernels.py).
+torch::Tensor ternary_linear_fused(torch::Tensor x, double eps, torch::Tensor w, double w_scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a CPU (M, K) tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be float32 or bfloat16");
+  const auto xc = x.contiguous();
+  const auto x_n = x.scalar_type() == torch::kFloat ? rms_norm_rows<float>(xc, eps) : rms_norm_rows<c10::BFloat16>(xc, eps);
+  return ternary_linear_normed(x_n, w, w_scale).to(x.scalar_type());
+}
+
+namespace {
+
+// Dense head GEMV/GEMM with a low-precision weight: y[m, n] = row_scale[n] * sum_k w[n, k] x[m, k].
+// w: int8 (N, K) with row_scale float32 (N,) ("int8 head"), or bfloat16 (N, K) with no scale.
+// x: float32 (M, K), K % 8 == 0. Accumulation in float32 with FMA; memory-bound at batch 1.
+template <bool kInt8>
+inline __m256 load8(const void* w, int64_t k) {
+  if constexpr (kInt8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(w) + k));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// sum_k w_r[k] x[k] for S weight rows w_r (far apart: S memory streams) and one float row x.
+template <bool kInt8, int S>
+inline void head_rows(const char* const* w, const float* x, int64_t K, float* out) {
+  __m256 acc[S];
+  for (int r = 0; r < S; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < S; ++r) acc[r] = _mm256_fmadd_ps(load8<kInt8>(w[r], k), xv, acc[r]);
+  }
+  for (int r = 0; r < S; ++r) out[r] = hsum_ps(acc[r]);
+}
+
+template <bool kInt8>
+torch::Tensor head_impl(const torch::Tensor& x, const torch::Tensor& w, const float* row_scale) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const char* wp = static_cast<const char*>(w.data_ptr());
+  const int64_t row_bytes = K * (kInt8 ? 1 : 2);
+  float* yp = y.data_ptr<float>();
+  // chunks of rows read as kStreams stripes at once, as in the ternary decode path
+  parallel_chunks(N, kChunkRows, N * row_bytes >= kParallelBytes, [&](int64_t n0, int64_t n1) {
+    const int64_t per = (n1 - n0) / kStreams;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = xp + m * K;
+      for (int64_t i = 0; i < per; ++i) {
+        const char* rows[kStreams];
+        float dots[kStreams];
+        for (int r = 0; r < kStreams; ++r) rows[r] = wp + (n0 + r * per + i) * row_bytes;
+        head_rows<kInt8, kStreams>(rows, xr, K, dots);
+        for (int r = 0; r < kStreams; ++r) {
+          const int64_t n = n0 + r * per + i;
+          yp[m * N + n] = row_scale ? dots[r] * row_scale[n] : dots[r];
+        }
+      }
+      for (int64_t n = n0 + kStreams * per; n < n1; ++n) {
+        const char* row = wp + n * row_bytes;
+        float dot;
+        head_rows<kInt8, 1>(&row, xr, K, &dot);
+        yp[m * N + n] = row_scale ? dot * row_scale[n] : dot;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+torch::Tensor int8_head(torch::Tensor x, torch::Tensor w, torch::Tensor row_scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.is_contiguous(), "w must be contiguous int8 (N, K)");
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.scalar_type() == torch::kFloat && row_scale.size(0) == w.size(0) &&
+                  row_scale.is_contiguous(),
+              "row_scale must be contiguous float32 (N,)");
+  TORCH_CHECK(x.size(1) == w.size(1) && x.size(1) % 8 == 0, "K must match and be a multiple of 8");
+  return head_impl<true>(x, w, row_scale.data_ptr<float>());
+}
+
+torch::Tensor bf16_head(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w must be contiguous bfloat16 (N, K)");
+  TORCH_CHECK(x.size(1) == w.size(1) && x.size(1) % 8 == 0, "K must match and be a multiple of 8");
+  return head_impl<false>(x, w, nullptr);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ternary_linear", &ternary_linear, "packed 2-bit ternary x int8 activations -> float32 (AVX2)");
+  m.def("ternary_linear_normed", &ternary_linear_normed, "quantise rms-normed activations + packed linear (AVX2)");
+  m.def("ternary_linear_fused", &ternary_linear_fused, "rms_norm + int8 quantisation + packed linear (AVX2)");
+  m.def("int8_head", &int8_head, "float32 x int8 (per-row scale) -> float32 (AVX2 + FMA)");
+  m.def("bf16_head", &bf16_head, "float32 x bfloat16 -> float32 (AVX2 + FMA)");
+}
