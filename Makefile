@@ -1,11 +1,12 @@
 # make setup: .venv with the project (CPU torch 2.13.0 from the local wheel where there is no GPU)
 # make test:  setup if needed, then the test suite (slow end-to-end tests included)
-# make demo:  setup if needed, then the end-to-end demo on embedded defaults
+# make demo:  setup if needed, then the demo on embedded defaults (see README)
+# make bench: every benchmark, results in benchmarks/results.{json,md}
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bitllava-installed
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,9 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/bitllava demo --out demo_out
+
+bench: setup
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf demo_out .pytest_cache
