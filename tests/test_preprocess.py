@@ -100,28 +100,34 @@ def test_rerun_with_same_inputs_is_a_no_op(cc_store, data):
         preprocess(cc_config(root, summary, store, max_length=100))
 
 
-def test_killed_run_resumes_to_the_same_store(cc_store, data):
-    store, manifest = cc_store
-    root, summary = data
+def test_killed_run_resumes_to_the_same_store(ray_cluster, data):
+    root, _ = data
+    # a larger set in small parts, so the kill lands part-way through
+    big = synthesize(SynthConfig(out=str(root / "synth-big"), records=600, eval=0, corrupt=1, seed=7))["cc595k"]
+
+    def config(out):
+        return PreprocessConfig(source="cc595k", json=big["json"], images=big["images"], out=str(out),
+                                phase="align", model=str(root / "base"), shard_records=4)
+
+    reference = preprocess(config(root / "big-uninterrupted"))
     out = root / "killed"
-    cc = summary["cc595k"]
     cmd = [os.path.join(os.path.dirname(sys.executable), "bitllava"), "data", "preprocess", "--source", "cc595k",
-           "--json", cc["json"], "--images", cc["images"], "--out", str(out), "--phase", "align",
-           "--model", str(root / "base"), "--shard-records", "8"]
+           "--json", big["json"], "--images", big["images"], "--out", str(out), "--phase", "align",
+           "--model", str(root / "base"), "--shard-records", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "parts").is_dir() or not os.listdir(out / "parts"):
         assert proc.poll() is None, "preprocessing ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes
     proc.wait()
     partial = len(committed_parts(str(out)))
-    assert 1 <= partial < len(manifest["parts"]) and not (out / "manifest.json").exists()
-    resumed = preprocess(cc_config(root, summary, out))
-    assert resumed["content_hash"] == manifest["content_hash"]
-    assert resumed["counts"] == manifest["counts"]
+    assert 1 <= partial < len(reference["parts"]) and not (out / "manifest.json").exists()
+    resumed = preprocess(config(out))
+    assert resumed["content_hash"] == reference["content_hash"]
+    assert resumed["counts"] == reference["counts"]
     indices = [i for f in committed_parts(str(out)).values() for i in f["indices"]]
-    assert len(indices) == len(set(indices)) == manifest["counts"]["records"]  # no duplicate, none missing
+    assert len(indices) == len(set(indices)) == reference["counts"]["records"]  # no duplicate, none missing
 
 
 def test_features_mode_equals_the_tower_and_encodes_each_image_set_once(ray_cluster, data):

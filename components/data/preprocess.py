@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -32,7 +33,7 @@ from components.data.records import (
     DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_CHARS, BadRecord, ImageSource, RecordProcessor, decode_image, image_names, parse_record,
     record_id,
 )
-from components.data.store import SCHEMA_VERSION, committed_parts, content_hash, write_part
+from components.data.store import SCHEMA_VERSION, committed_parts, content_hash, resolve_overlaps, write_part
 
 SOURCES = ("cc595k", "instruct")
 PHASE_TEMPLATES = {"align": "plain", "instruct": "v1"}
@@ -226,7 +227,7 @@ class EncodeGroups:
         return pa.Table.from_pylist(rows, schema=batch.schema)
 
 
-def write_parts(batch: pa.Table, out: str, endpoint: str | None) -> pa.Table:
+def write_parts(batch: pa.Table, out: str, endpoint: str | None, attempt: str) -> pa.Table:
     """Ray Data UDF (light tasks): a batch of processed groups -> one Parquet part; returns the part's stats."""
     rows, bad, indices, encoded = [], [], [], 0
     for group in batch.to_pylist():
@@ -243,7 +244,7 @@ def write_parts(batch: pa.Table, out: str, endpoint: str | None) -> pa.Table:
                          "labels": np.frombuffer(group["labels"][j], np.int32), "length": len(ids),
                          "num_images": shape[0] if shape else 0, "images": group["images"],
                          "image_shape": shape})
-    name = write_part(out, rows, indices, bad, encoded, endpoint)
+    name = write_part(out, rows, indices, bad, encoded, endpoint, attempt)
     print(f"[preprocess] wrote {name}: {len(rows)} samples, {len(bad)} bad records", file=sys.stderr, flush=True)
     return pa.table({"part": [name], "samples": [len(rows)], "bad": [len(bad)]})
 
@@ -312,6 +313,7 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
 
     covered = {i for footer in committed_parts(cfg.out, cfg.s3_endpoint).values() for i in footer["indices"]}
     groups = group_records(records, covered)
+    attempt = uuid.uuid4().hex
     print(f"[preprocess] {len(records)} records, {len(covered)} already in committed parts, "
           f"{sum(len(g['idx']) for g in groups)} to process in {len(groups)} image groups", file=sys.stderr)
     if groups:
@@ -333,12 +335,12 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
                                 batch_format="pyarrow", concurrency=tuple(cfg.encoder_actors), num_gpus=gpus,
                                 num_cpus=0.1 if gpus else 0.5)
         # writing is I/O: light tasks that never wait for a free core
-        ds = ds.map_batches(write_parts, fn_kwargs={"out": cfg.out, "endpoint": cfg.s3_endpoint},
+        ds = ds.map_batches(write_parts, fn_kwargs={"out": cfg.out, "endpoint": cfg.s3_endpoint, "attempt": attempt},
                             batch_size=groups_per_part, batch_format="pyarrow", num_cpus=0.1)
         written = ds.take_all()
         print(f"[preprocess] wrote {len(written)} parts", file=sys.stderr)
 
-    manifest = build_manifest(cfg, fp, records, identity)
+    manifest = build_manifest(cfg, fp, records, identity, attempt)
     storage.write_bytes_atomic(storage.join(cfg.out, "manifest.json"), json.dumps(manifest, indent=1).encode(),
                                cfg.s3_endpoint)
     counts = manifest["counts"]
@@ -347,8 +349,12 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
     return manifest
 
 
-def build_manifest(cfg: PreprocessConfig, fp: dict, records: list, identity: dict) -> dict:
-    parts = committed_parts(cfg.out, cfg.s3_endpoint)
+def build_manifest(cfg: PreprocessConfig, fp: dict, records: list, identity: dict, attempt: str) -> dict:
+    parts, redundant = resolve_overlaps(committed_parts(cfg.out, cfg.s3_endpoint), attempt)
+    for name in redundant:
+        print(f"[preprocess] {name} was finished by an interrupted run after this one started; "
+              f"its records were processed again here, removing it", file=sys.stderr)
+        storage.delete(storage.join(cfg.out, "parts", name), cfg.s3_endpoint)
     covered = [i for footer in parts.values() for i in footer["indices"]]
     if len(covered) != len(set(covered)) or set(covered) != set(range(len(records))):
         missing = sorted(set(range(len(records))) - set(covered))[:10]

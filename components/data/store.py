@@ -56,7 +56,7 @@ def part_name(indices: list[int]) -> str:
 
 
 def write_part(store: str, rows: list[dict], indices: list[int], bad: list[dict], images_encoded: int,
-               endpoint: str | None = None) -> str:
+               endpoint: str | None = None, attempt: str = "") -> str:
     """Write one part atomically: `rows` are samples (SAMPLE_SCHEMA fields), `indices` every record covered."""
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     footer = {
@@ -65,6 +65,7 @@ def write_part(store: str, rows: list[dict], indices: list[int], bad: list[dict]
         "bad": bad,
         "hashes": {str(r["idx"]): sample_hash(r["idx"], r["input_ids"], r["labels"], r["images"]) for r in rows},
         "images_encoded": images_encoded,
+        "attempt": attempt,  # which preprocess invocation wrote it (see resolve_overlaps)
     }
     table = table.replace_schema_metadata({FOOTER_KEY: json.dumps(footer).encode()})
     buf = io.BytesIO()
@@ -87,6 +88,30 @@ def committed_parts(store: str, endpoint: str | None = None) -> dict[str, dict]:
     """name -> footer of every complete part in the store."""
     return {name: read_footer(store, name, endpoint)
             for name in storage.list_files(parts_uri(store), ".parquet", endpoint)}
+
+
+def resolve_overlaps(parts: dict[str, dict], latest_attempt: str) -> tuple[dict[str, dict], list[str]]:
+    """Parts that cover each record once, and the redundant ones.
+
+    A killed run's Ray workers can finish a part after the resumed run scanned the store; the resumed
+    run then processes those records again. Its own parts are kept; an older part whose records the
+    latest attempt also wrote is redundant. A partial overlap would mean a corrupt store.
+    """
+    keep = {n: f for n, f in parts.items() if f.get("attempt") == latest_attempt}
+    covered = {i for f in keep.values() for i in f["indices"]}
+    redundant = []
+    for name, footer in sorted(parts.items()):
+        if name in keep:
+            continue
+        mine = set(footer["indices"])
+        if not mine & covered:
+            keep[name] = footer
+            covered |= mine
+        elif mine <= covered:
+            redundant.append(name)
+        else:
+            raise RuntimeError(f"part {name} partly overlaps other parts: the store is corrupt, rebuild it")
+    return keep, redundant
 
 
 def load_manifest(store: str, endpoint: str | None = None) -> dict:
