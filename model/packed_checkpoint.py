@@ -231,7 +231,7 @@ def load_packed(
     load_packed_weights(model, folder, packing)
     model.eval()
     set_backend(model, backend)
-    packed_lm(model).set_head(head)
+    packed_lm(model).set_head(head, backend)
     multimodal = isinstance(model, BitLlavaForConditionalGeneration)
     tokenizer = with_image_token(PreTrainedTokenizerFast.from_pretrained(folder))
     processor = CLIPImageProcessorPil.from_pretrained(folder) if multimodal else None

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model.bitlinear import BitLinear158
-from model.kernels import head_matmul, resolve_backend
+from model.kernels import BACKENDS, head_matmul, resolve_backend
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
 from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 from model.packed_linear import PackedBitLinear, _set_submodule
@@ -41,8 +41,9 @@ class Int8Head(nn.Module):
     rounds them (it casts floating tensors only).
     """
 
-    def __init__(self, weight: torch.Tensor, rows_per_step: int = 4096):
+    def __init__(self, weight: torch.Tensor, backend: str = "auto", rows_per_step: int = 4096):
         super().__init__()
+        self.backend = backend
         rows, d = weight.shape
         q = torch.empty(rows, d, dtype=torch.int8, device=weight.device)  # (V, d)
         scale = torch.empty(rows, dtype=torch.float32, device=weight.device)  # (V,)
@@ -62,7 +63,7 @@ class Int8Head(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h: (..., d) -> (..., V)
         lead, d = h.shape[:-1], h.shape[-1]
-        backend = resolve_backend(h.device, "auto")
+        backend = resolve_backend(h.device, self.backend)
         y = head_matmul(h.reshape(-1, d).float(), self.weight_q, self.row_scale, backend)
         return y.to(h.dtype).reshape(*lead, -1)
 
@@ -76,11 +77,16 @@ class PackedOLMoBitNetForCausalLM(OLMoBitNetForCausalLM):
     def __init__(self, config: OLMoBitNetConfig):
         super().__init__(config)
         self.int8_head: Int8Head | None = None
+        self.head_backend = "auto"
 
-    def set_head(self, head: str) -> None:
+    def set_head(self, head: str, backend: str = "auto") -> None:
+        """Choose the head ("dense" or "int8") and its kernel backend ("reference": plain PyTorch)."""
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
-        self.int8_head = Int8Head(self.head_weight()) if head == "int8" else None
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {backend!r}; choose one of {list(BACKENDS)}")
+        self.head_backend = backend
+        self.int8_head = Int8Head(self.head_weight(), backend) if head == "int8" else None
 
     @property
     def head_kind(self) -> str:
@@ -91,7 +97,7 @@ class PackedOLMoBitNetForCausalLM(OLMoBitNetForCausalLM):
         if self.int8_head is not None:
             return self.int8_head(h)
         w = self.head_weight()  # (V, d), a row prefix of wte: contiguous
-        if w.dtype == torch.bfloat16 and resolve_backend(h.device, "auto") == "cpu" and h.shape[-1] % 8 == 0:
+        if w.dtype == torch.bfloat16 and h.shape[-1] % 8 == 0 and resolve_backend(h.device, self.head_backend) == "cpu":
             lead = h.shape[:-1]
             y = head_matmul(h.reshape(-1, h.shape[-1]).float(), w, None, "cpu")
             return y.to(h.dtype).reshape(*lead, -1)
