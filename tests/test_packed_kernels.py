@@ -16,11 +16,12 @@ from model.kernels.reference import head_reference, ternary_linear_reference
 from model.packed_linear import PackedBitLinear, set_backend
 from model.packing import pack_2bit, padded_row_length
 
-# (M tokens, K in, N out): K and N off the 32-byte register width and the 128-code block,
-# M around the 4-token tile of the prefill path, and the 1b model's shapes at batch 1.
+# (M tokens, K in, N out): K and N off the 32-byte register width and the 128-code block, N off
+# the 512-row chunks and their 4 stripes, M around the 4-token groups, the 1b shapes at batch 1.
 SHAPES = [
     (1, 1, 1), (1, 31, 3), (1, 128, 5), (1, 300, 77), (2, 129, 64), (3, 1000, 33), (4, 257, 130),
-    (5, 640, 96), (9, 200, 7), (16, 384, 65), (1, 2048, 6144), (1, 8192, 2048), (3, 2048, 2048),
+    (5, 640, 96), (9, 200, 7), (16, 384, 65), (1, 2048, 6144), (1, 8192, 2048), (3, 2048, 2048), (2, 2048, 1500),
+    (7, 2048, 1100), (0, 256, 8),
 ]
 
 
@@ -93,7 +94,7 @@ def test_fused_forward_equals_the_python_path(ext, dtype, m, k):
     assert got.dtype == dtype and torch.equal(got, want), f"seed {seed}"
 
 
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6])
 def test_cpu_kernel_extremes_do_not_saturate(ext, m):
     # every activation -128 and every code +1 or -1: the largest sums the int16 partial sums meet
     k, n = 8192, 8

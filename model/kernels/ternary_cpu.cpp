@@ -28,9 +28,8 @@ namespace {
 
 constexpr int64_t kBlock = 128;      // codes per block
 constexpr int64_t kBlockBytes = 32;  // bytes per block
-constexpr int64_t kRows = 4;         // weight rows per tile (unpacked once, reused by every token)
-constexpr int kStreams = 4;          // decode: rows read at once, from 4 stripes of a chunk
-constexpr int64_t kChunkRows = 512;  // decode: rows per chunk of work (4 stripes of 128 rows)
+constexpr int kStreams = 4;          // rows read at once, from 4 stripes of a chunk
+constexpr int64_t kChunkRows = 512;  // rows per chunk of work (4 stripes of 128 rows)
 
 // f(begin, end) over [0, n) in chunks of `chunk`, shared out dynamically by OpenMP threads
 // (serially for small problems, where starting the threads costs more than it saves).
@@ -57,79 +56,68 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// sum_k d_k x_k over `nb` blocks for S weight rows (w[0..S-1]) and one activation row.
-// d_k in {0,1,2}, x_k in [-128, 127]: one maddubs lane is >= -512, four of them >= -2048,
-// so int16 partial sums over 8 blocks stay above -16384 before widening to int32.
+// out[r * T + t] = sum_k d_k x_t[k] over `nb` blocks for S weight rows w[r] and T activation rows
+// x + t * kp. d_k in {0,1,2}, x_k in [-128, 127]: one maddubs lane is >= -512, four of them
+// >= -2048, so int16 partial sums over 8 blocks stay above -16384 before widening to int32.
 // The S rows are far apart in memory (see kStreams): S independent sequential streams keep more
-// memory requests in flight than one, which is what decode at batch 1 is bound by.
-template <int S>
-inline void dot_rows_fused(const uint8_t* const* w, const int8_t* x, int64_t nb, int32_t* out) {
+// memory requests in flight than one, which is what decode is bound by; each unpacked digit
+// register serves all T tokens.
+template <int S, int T>
+inline void dot_rows_fused(const uint8_t* const* w, const int8_t* x, int64_t kp, int64_t nb, int32_t* out) {
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[S];
-  for (int r = 0; r < S; ++r) acc[r] = _mm256_setzero_si256();
+  __m256i acc[S * T];
+  for (int i = 0; i < S * T; ++i) acc[i] = _mm256_setzero_si256();
   int64_t b = 0;
   while (b < nb) {
     const int64_t stop = std::min(nb, b + 8);
-    __m256i acc16[S];
-    for (int r = 0; r < S; ++r) acc16[r] = _mm256_setzero_si256();
+    __m256i acc16[S * T];
+    for (int i = 0; i < S * T; ++i) acc16[i] = _mm256_setzero_si256();
     for (; b < stop; ++b) {
-      const int8_t* xb = x + b * kBlock;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
-      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64));
-      const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 96));
       for (int r = 0; r < S; ++r) {
         const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + b * kBlockBytes));
         const __m256i d0 = _mm256_and_si256(p, mask);
         const __m256i d1 = _mm256_and_si256(_mm256_srli_epi16(p, 2), mask);
         const __m256i d2 = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
         const __m256i d3 = _mm256_and_si256(_mm256_srli_epi16(p, 6), mask);
-        const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(d0, x0), _mm256_maddubs_epi16(d1, x1));
-        const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(d2, x2), _mm256_maddubs_epi16(d3, x3));
-        acc16[r] = _mm256_add_epi16(acc16[r], _mm256_add_epi16(s01, s23));
+        for (int t = 0; t < T; ++t) {
+          const int8_t* xb = x + t * kp + b * kBlock;
+          const __m256i s01 = _mm256_add_epi16(
+              _mm256_maddubs_epi16(d0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb))),
+              _mm256_maddubs_epi16(d1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32))));
+          const __m256i s23 = _mm256_add_epi16(
+              _mm256_maddubs_epi16(d2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64))),
+              _mm256_maddubs_epi16(d3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 96))));
+          acc16[r * T + t] = _mm256_add_epi16(acc16[r * T + t], _mm256_add_epi16(s01, s23));
+        }
       }
     }
-    for (int r = 0; r < S; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(acc16[r], ones));
+    for (int i = 0; i < S * T; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(acc16[i], ones));
   }
-  for (int r = 0; r < S; ++r) out[r] = hsum_epi32(acc[r]);
+  for (int i = 0; i < S * T; ++i) out[i] = hsum_epi32(acc[i]);
 }
 
-// Unpack `nrows` rows of 2-bit digits into a scratch buffer (nrows, Kp) of uint8 digits.
-inline void unpack_rows(const uint8_t* w, int64_t row_bytes, int64_t nrows, int64_t nb, uint8_t* dst, int64_t kp) {
-  const __m256i mask = _mm256_set1_epi8(3);
-  for (int64_t r = 0; r < nrows; ++r) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row_bytes + b * kBlockBytes));
-      uint8_t* o = dst + r * kp + b * kBlock;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_and_si256(p, mask));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), _mm256_and_si256(_mm256_srli_epi16(p, 2), mask));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 64), _mm256_and_si256(_mm256_srli_epi16(p, 4), mask));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 96), _mm256_and_si256(_mm256_srli_epi16(p, 6), mask));
+// Rows [n0, n1) for T tokens: read as S stripes at once (rows n0 + r * per + i), the rows left
+// over by the split one by one. y[t * N + n] = (dot - xsum[t]) / denom[t].
+template <int S, int T>
+void rows_chunk(int64_t n0, int64_t n1, const int8_t* x, int64_t kp, const uint8_t* wp, int64_t N,
+                const int32_t* xsum, const float* denom, float* y) {
+  const int64_t row_bytes = kp / 4, nb = kp / kBlock;
+  const int64_t per = (n1 - n0) / S;
+  int32_t dots[S * T];
+  for (int64_t i = 0; i < per; ++i) {
+    const uint8_t* rows[S];
+    for (int r = 0; r < S; ++r) rows[r] = wp + (n0 + r * per + i) * row_bytes;
+    dot_rows_fused<S, T>(rows, x, kp, nb, dots);
+    for (int r = 0; r < S; ++r) {
+      for (int t = 0; t < T; ++t) y[t * N + n0 + r * per + i] = static_cast<float>(dots[r * T + t] - xsum[t]) / denom[t];
     }
   }
-}
-
-// sum_k d_k x_t[k] for unpacked digits (Kp,) and MT activation rows x + t * kp: each digit
-// register is loaded once for MT tokens. Lanes stay above -2048 per block (see dot_rows_fused).
-template <int MT>
-inline void dot_digits(const uint8_t* d, const int8_t* x, int64_t kp, int32_t* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[MT];
-  for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < kp; k += kBlock) {
-    __m256i s[MT];
-    for (int t = 0; t < MT; ++t) s[t] = _mm256_setzero_si256();
-    for (int64_t j = 0; j < kBlock; j += 32) {
-      const __m256i dv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + k + j));
-      for (int t = 0; t < MT; ++t) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * kp + k + j));
-        s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(dv, xv));
-      }
-    }
-    for (int t = 0; t < MT; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s[t], ones));
+  for (int64_t n = n0 + S * per; n < n1; ++n) {
+    const uint8_t* row = wp + n * row_bytes;
+    dot_rows_fused<1, T>(&row, x, kp, nb, dots);
+    for (int t = 0; t < T; ++t) y[t * N + n] = static_cast<float>(dots[t] - xsum[t]) / denom[t];
   }
-  for (int t = 0; t < MT; ++t) out[t] = hsum_epi32(acc[t]);
 }
 
 void check_common(const torch::Tensor& x, const torch::Tensor& x_scale, const torch::Tensor& w) {
@@ -145,7 +133,7 @@ void check_common(const torch::Tensor& x, const torch::Tensor& x_scale, const to
 // x: int8 (M, Kp), Kp % 128 == 0, zero past the true K; w: N rows of Kp / 4 bytes (2-bit layout).
 void ternary_gemm(const int8_t* xp, const float* sp, int64_t M, int64_t kp, const uint8_t* wp, int64_t N,
                   float ws, float* yp) {
-  const int64_t row_bytes = kp / 4, nb = kp / kBlock;
+  const int64_t row_bytes = kp / 4;
   std::vector<int32_t> xsum(M);
   std::vector<float> denom(M);
   for (int64_t m = 0; m < M; ++m) {
@@ -155,52 +143,24 @@ void ternary_gemm(const int8_t* xp, const float* sp, int64_t M, int64_t kp, cons
     denom[m] = sp[m] * ws;  // the same float32 product as the reference's s_x * s_w
   }
 
-  const int64_t tiles = (N + kRows - 1) / kRows;
-  if (M == 1) {
-    // decode: fused unpack + dot; each chunk of rows is read as kStreams stripes at once
-    parallel_chunks(N, kChunkRows, N * row_bytes >= kParallelBytes, [&](int64_t n0, int64_t n1) {
-      const int64_t per = (n1 - n0) / kStreams;
-      for (int64_t i = 0; i < per; ++i) {
-        const uint8_t* rows[kStreams];
-        int32_t dots[kStreams];
-        for (int r = 0; r < kStreams; ++r) rows[r] = wp + (n0 + r * per + i) * row_bytes;
-        dot_rows_fused<kStreams>(rows, xp, nb, dots);
-        for (int r = 0; r < kStreams; ++r) yp[n0 + r * per + i] = static_cast<float>(dots[r] - xsum[0]) / denom[0];
+  // Chunks of rows go to threads; within a chunk, tokens go in groups of up to 4, so the chunk's
+  // weights come from DRAM once and from cache for the other groups, and every unpacked digit
+  // register serves a whole group. Decode (M = 1) reads 4 stripes at once; groups of 3-4 tokens
+  // use 2 (their accumulators fill the 16 AVX2 registers).
+  parallel_chunks(N, kChunkRows, N * row_bytes * M >= kParallelBytes, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int8_t* x = xp + m0 * kp;
+      const int32_t* xs = xsum.data() + m0;
+      const float* dn = denom.data() + m0;
+      float* y = yp + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: rows_chunk<kStreams, 1>(n0, n1, x, kp, wp, N, xs, dn, y); break;
+        case 2: rows_chunk<kStreams, 2>(n0, n1, x, kp, wp, N, xs, dn, y); break;
+        case 3: rows_chunk<2, 3>(n0, n1, x, kp, wp, N, xs, dn, y); break;
+        default: rows_chunk<2, 4>(n0, n1, x, kp, wp, N, xs, dn, y); break;
       }
-      for (int64_t n = n0 + kStreams * per; n < n1; ++n) {
-        const uint8_t* row = wp + n * row_bytes;
-        int32_t dot;
-        dot_rows_fused<1>(&row, xp, nb, &dot);
-        yp[n] = static_cast<float>(dot - xsum[0]) / denom[0];
-      }
-    });
-  } else {
-    // prefill / batches: unpack a tile of rows once, reuse it for every activation row
-    parallel_chunks(tiles, 4, N * row_bytes * M >= kParallelBytes, [&](int64_t t0, int64_t t1) {
-      std::vector<uint8_t> digits(kRows * kp);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * kRows;
-        const int64_t nr = std::min(kRows, N - n0);
-        unpack_rows(wp + n0 * row_bytes, row_bytes, nr, nb, digits.data(), kp);
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-          const int64_t mt = std::min<int64_t>(4, M - m0);
-          for (int64_t r = 0; r < nr; ++r) {
-            const uint8_t* d = digits.data() + r * kp;
-            int32_t dots[4];
-            if (mt == 4) {
-              dot_digits<4>(d, xp + m0 * kp, kp, dots);
-            } else {
-              for (int64_t t = 0; t < mt; ++t) dot_digits<1>(d, xp + (m0 + t) * kp, kp, dots + t);
-            }
-            for (int64_t t = 0; t < mt; ++t) {
-              const int64_t m = m0 + t;
-              yp[m * N + n0 + r] = static_cast<float>(dots[t] - xsum[m]) / denom[m];
-            }
-          }
-        }
-      }
-    });
-  }
+    }
+  });
 }
 
 // Per-token int8 quantisation of x_n = rms_norm(x) (float32 or bfloat16 (M, K)), exactly as
