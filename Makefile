@@ -30,7 +30,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
-	$(VENV)/bin/bitllava demo --out demo_out
+	$(VENV)/bin/bitllava demo
 
 bench: setup
 	$(PY) benchmarks/run_all.py

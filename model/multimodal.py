@@ -146,6 +146,13 @@ class BitLlavaForConditionalGeneration(BitLlavaPreTrainedModel, GenerationMixin)
                 inputs_embeds = self.merge_image_features(input_ids, self.project(image_features))
             elif bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("input_ids hold <image> placeholders but no pixel_values or image_features were given")
+            elif self.training and torch.is_grad_enabled():
+                # A text-only batch still takes the projector into the graph (with zero gradients), as LLaVA
+                # does: data-parallel ranks must reduce the same parameters at every step, and a rank whose
+                # batch has no image would otherwise skip the projector's gradients and desync the collectives.
+                vision = self.config.vision_config
+                empty = self.get_input_embeddings().weight.new_zeros(0, 1, vision.hidden_size)
+                inputs_embeds = self.get_input_embeddings()(input_ids) + self.project(empty).sum()
         return self.language_model(
             input_ids=None if inputs_embeds is not None else input_ids,
             inputs_embeds=inputs_embeds,

@@ -54,11 +54,16 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from pipelines.demo import run_demo
+    if args.model_only:
+        from pipelines.demo import run_model_demo
 
-    summary = run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
-    print(json.dumps(summary))
-    return 0 if summary["learned"] else 1
+        summary = run_model_demo(out_dir=args.out or "demo_out", steps=args.steps, seed=args.seed)
+        print(json.dumps(summary))
+        return 0 if summary["learned"] else 1
+    from pipelines.demo import DEMO_CONFIG, run_pipeline_demo
+
+    print(json.dumps(run_pipeline_demo(args.config or DEMO_CONFIG, out=args.out, address=args.address)))
+    return 0
 
 
 def _cmd_eval_score(args) -> int:
@@ -382,10 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
     gen.set_defaults(func=_cmd_generate)
 
-    demo = sub.add_parser("demo", help="the laptop demo on the tiny preset")
-    demo.add_argument("--out", default="demo_out", help="output folder")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the laptop demo: the whole tiny pipeline, then a summary JSON line")
+    demo.add_argument("--out", default=None, help="output root (default: the config's, demo_out)")
+    demo.add_argument("--config", default=None, help="pipeline YAML (default: pipelines/configs/tiny.yaml)")
+    demo.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
+    demo.add_argument("--model-only", action="store_true",
+                      help="the model path alone in one process: one image, train, save, reload, generate")
+    demo.add_argument("--steps", type=int, default=60, help="--model-only: training steps")
+    demo.add_argument("--seed", type=int, default=0, help="--model-only: seed")
     demo.set_defaults(func=_cmd_demo)
 
     _add_run_parsers(sub)

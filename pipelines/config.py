@@ -104,6 +104,9 @@ class PipelineConfig:
 
 
 def load_pipeline_config(path: str, **overrides) -> PipelineConfig:
+    """Read `path` (relative to the working directory, else to the repository root) and apply `overrides`."""
+    if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(os.path.join(ROOT, path)):
+        path = os.path.join(ROOT, path)  # a job or kfp task may run from another directory
     if not os.path.isfile(path):
         raise ValueError(f"pipeline config {path} does not exist")
     with open(path) as f:

@@ -31,7 +31,8 @@ def pipeline_step(config: str, step: str, ray_address: str, out: str) -> str:
 
     cfg = load_pipeline_config(config, out=out or None)
     summary = run_pipeline(cfg, address=ray_address or None, until=step)
-    results = summary.get("steps", summary)
+    # stopped after `step`: the steps' results; the last step (deploy) returns the whole summary
+    results = summary["steps"] if "steps" in summary else {"deploy": summary["served"]}
     return json.dumps({k: v for k, v in results.items() if k == step or k.startswith(step)}, default=str)
 
 

@@ -86,7 +86,7 @@ def test_generate_text_only_from_published_llm(tmp_path):
 
 @pytest.mark.slow
 def test_demo_learns_its_caption(tmp_path):
-    out = run("demo", "--out", str(tmp_path))
+    out = run("demo", "--model-only", "--out", str(tmp_path))
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["learned"] and summary["reply"] == summary["caption"]
     assert summary["last_loss"] < summary["first_loss"] / 5

@@ -112,3 +112,25 @@ def test_generate_with_images_uses_kv_cache_consistently(tiny_mm):
         a = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
         b = model(input_ids=ids, pixel_values=other).logits[0, -1]
     assert not torch.allclose(a, b)
+
+
+def test_text_only_training_batch_gives_the_projector_zero_gradients(tiny_mm):
+    """Data-parallel ranks reduce the same parameters every step: a text-only batch must not drop the projector."""
+    model, tokenizer, _ = tiny_mm
+    sample = tokenize_conversation([{"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "five"}],
+                                   tokenizer, "v1", 0, model.config.num_image_tokens, 256)
+    ids, labels = torch.tensor([sample.input_ids]), torch.tensor([sample.labels])
+    model.zero_grad(set_to_none=True)
+    model.train()
+    try:
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+    finally:
+        model.eval()
+    for name, param in model.multi_modal_projector.named_parameters():
+        assert param.grad is not None, name
+        assert torch.count_nonzero(param.grad) == 0, name
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    with torch.no_grad():  # and the loss is exactly the text-only loss
+        assert torch.equal(model(input_ids=ids, labels=labels).loss, loss.detach())
+    model.zero_grad(set_to_none=True)
