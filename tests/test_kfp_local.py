@@ -28,6 +28,7 @@ def test_kfp_pipeline_runs_locally_with_subprocess_runner(tmp_path, monkeypatch)
     values["data"]["synth"] = {"records": 240, "eval": 8, "corrupt": 1}
     for phase in ("align", "instruct"):
         values[phase].update(epochs=1, checkpoint_every=100)
+    values["preprocess"]["shard_records"] = 48  # parts enough for both ranks
     values["eval"].update(limit=8, batch_size=8)
     values["serve"]["port"] = _free_port()
     config = tmp_path / "tiny-kfp.yaml"

@@ -1,6 +1,6 @@
 """`bitllava data preprocess`: LLaVA JSON + images -> sharded sample store, with Ray Data.
 
-    JSON array (local or s3://) ── driver: parse, group records by image set, skip committed records
+    JSON array (local or s3://) ── driver: parse, group records sharing images, skip committed records
       │ from_items(groups).repartition            (a JSON array reaches Ray as one block)
       ▼ map_batches(PrepareGroups)      decode + validate each distinct image once, pad-to-square, CLIP processor,
       │                        template + tokenize + labels for every record of the group
@@ -9,8 +9,9 @@
       ▼ map_batches(WriteParts)     Parquet parts written atomically, bad records in their footers
     manifest.json              counts by reason, identities, content hash (written last)
 
-Grouping records by their image set makes every distinct image decoded and encoded once
-(LLaVA-Instruct-150K holds about 81K images for 150K records). Re-running with the same inputs and
+Grouping records that share images (connected components of the record-image graph) makes every
+distinct image decoded and encoded exactly once (LLaVA-Instruct-150K holds about 81K images for
+150K records), also when a two-image record shares an image with single-image records. Re-running with the same inputs and
 config is a no-op; a killed run resumes from the committed parts.
 """
 
@@ -165,29 +166,34 @@ class PrepareGroups:
         return pa.Table.from_pylist([self.prepare(group) for group in batch.to_pylist()])
 
     def prepare(self, group: dict) -> dict:
-        names = json.loads(group["names"])
-        image_bytes, image_shape, image_error = b"", [], None
-        try:
-            images = [decode_image(self.source.read(n), n, self.max_pixels) for n in names]
-            if images:
-                pixels = self.processor.pixels(images)
-                image_bytes, image_shape = pixels.tobytes(), list(pixels.shape)
-        except BadRecord as err:
-            image_error = err
-        out = {k: [] for k in ("ids", "bad", "detail", "input_ids", "labels")}
+        names = json.loads(group["names"])  # the group's distinct images, each decoded once
+        good, errors, arrays = [], {}, []
+        for name in names:
+            try:
+                arrays.append(self.processor.pixels([decode_image(self.source.read(name), name, self.max_pixels)]))
+                good.append(name)
+            except BadRecord as err:
+                errors[name] = err
+        image_bytes, image_shape = b"", []
+        if arrays:
+            pixels = np.concatenate(arrays)
+            image_bytes, image_shape = pixels.tobytes(), list(pixels.shape)
+        out = {k: [] for k in ("ids", "bad", "detail", "input_ids", "labels", "image_rows")}
         for idx, raw in zip(group["idx"], group["raw"]):
-            rid, reason, detail, ids, labels = f"#{idx}", "", "", b"", b""
+            rid, reason, detail, ids, labels, rows = f"#{idx}", "", "", b"", b"", "[]"
             try:
                 record = parse_record(raw)
                 rid = record_id(record, idx)
-                image_names(record)  # re-validates the field for records grouped as malformed
-                if image_error is not None:
-                    raise image_error
-                sample = self.processor.sample(record, idx, len(names))
+                own = image_names(record)  # re-validates the field for records grouped as malformed
+                for name in own:
+                    if name in errors:
+                        raise errors[name]
+                sample = self.processor.sample(record, idx, len(own))
                 ids, labels = sample.input_ids.tobytes(), sample.labels.tobytes()
+                rows = json.dumps([good.index(name) for name in own])
             except BadRecord as err:
                 reason, detail = err.reason, err.detail
-            for key, value in zip(out, (rid, reason, detail, ids, labels)):
+            for key, value in zip(out, (rid, reason, detail, ids, labels, rows)):
                 out[key].append(value)
         return {"idx": list(group["idx"]), **out, "images": image_bytes, "image_shape": json.dumps(image_shape),
                 "encoded": 0}
@@ -240,30 +246,49 @@ def write_parts(batch: pa.Table, out: str, endpoint: str | None, attempt: str) -
                             "detail": group["detail"][j][:300]})
                 continue
             ids = np.frombuffer(group["input_ids"][j], np.int32)
+            own = json.loads(group["image_rows"][j])  # this record's images among the group's
+            images = np.frombuffer(group["images"], np.float16).reshape(shape)[own] if own else None
             rows.append({"idx": idx, "id": group["ids"][j], "input_ids": ids,
                          "labels": np.frombuffer(group["labels"][j], np.int32), "length": len(ids),
-                         "num_images": shape[0] if shape else 0, "images": group["images"],
-                         "image_shape": shape})
+                         "num_images": len(own), "images": images.tobytes() if own else b"",
+                         "image_shape": list(images.shape) if own else []})
     name = write_part(out, rows, indices, bad, encoded, endpoint, attempt)
     print(f"[preprocess] wrote {name}: {len(rows)} samples, {len(bad)} bad records", file=sys.stderr, flush=True)
     return pa.table({"part": [name], "samples": [len(rows)], "bad": [len(bad)]})
 
 
 def group_records(records: list, skip: set[int]) -> list[dict]:
-    """Pending records grouped by their image set (records with a malformed `image` field stand alone)."""
-    groups: dict = {}
+    """Pending records grouped so that records sharing any image land together (connected components of
+    the record-image graph): every distinct image is then decoded and encoded exactly once, also when a
+    two-image record shares one image with records of its own. Text-only and malformed records stand alone."""
+    parent: dict = {}
+
+    def find(key):
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    pending = []
     for idx, record in enumerate(records):
         if idx in skip:
             continue
         try:
-            key = tuple(image_names(record)) or ("<text>", idx)
+            names = image_names(record)
         except BadRecord:
-            key = ("<malformed>", idx)
-        names = list(key) if key[0] not in ("<text>", "<malformed>") else []
-        group = groups.setdefault(key, {"names": json.dumps(names), "idx": [], "raw": []})
+            names = None
+        keys = [("image", n) for n in names] if names else [("<text>" if names == [] else "<malformed>", idx)]
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+        find(keys[0])
+        pending.append((idx, record, keys))
+    groups: dict = {}
+    for idx, record, keys in pending:
+        group = groups.setdefault(find(keys[0]), {"names": [], "idx": [], "raw": []})
+        group["names"] += [k[1] for k in keys if k[0] == "image" and k[1] not in group["names"]]
         group["idx"].append(idx)
         group["raw"].append(json.dumps(record))
-    return list(groups.values())
+    return [{**g, "names": json.dumps(g["names"])} for g in groups.values()]
 
 
 def fingerprint(cfg: PreprocessConfig, json_bytes: bytes, identity: dict) -> dict:
