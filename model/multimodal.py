@@ -150,9 +150,11 @@ class BitLlavaForConditionalGeneration(BitLlavaPreTrainedModel, GenerationMixin)
                 # A text-only batch still takes the projector into the graph (with zero gradients), as LLaVA
                 # does: data-parallel ranks must reduce the same parameters at every step, and a rank whose
                 # batch has no image would otherwise skip the projector's gradients and desync the collectives.
-                vision = self.config.vision_config
-                empty = self.get_input_embeddings().weight.new_zeros(0, 1, vision.hidden_size)
-                inputs_embeds = self.get_input_embeddings()(input_ids) + self.project(empty).sum()
+                # It goes through the same calls, in the same order, as the image path, so gradients become
+                # ready in the same order on every rank (ZeRO fills its reduce buckets in that order).
+                empty = self.get_input_embeddings().weight.new_zeros(
+                    0, self.config.num_image_tokens, self.config.vision_config.hidden_size)
+                inputs_embeds = self.merge_image_features(input_ids, self.project(empty))
         return self.language_model(
             input_ids=None if inputs_embeds is not None else input_ids,
             inputs_embeds=inputs_embeds,

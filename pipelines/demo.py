@@ -31,14 +31,15 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 HEADLINE = {"pope": ("accuracy", "f1"), "vqav2": ("accuracy",), "textvqa": ("accuracy",)}
 
 
-def blind_vqa_accuracy(annotations_path: str) -> float:
-    """VQA accuracy (0-100) of the best image-blind answerer: for every question, the set's most common
-    answer among questions of its type ("what color", "how many", ...). It knows the answer distribution
-    of the evaluation set itself, so it bounds any model that ignores the image from above."""
+def blind_vqa_accuracy(annotations_path: str, limit: int | None = None) -> float:
+    """VQA accuracy (0-100) of an image-blind answerer that knows the evaluation set's answers: every
+    question gets the most common answer among the set's questions of its type ("what color", "how
+    many", ...). A model that scores above it has read something from the image. `limit`: the first
+    questions only, as the evaluation took them."""
     from components.evaluate.scoring import vqav2_accuracy
 
     with open(annotations_path) as f:
-        annotations = json.load(f)["annotations"]
+        annotations = json.load(f)["annotations"][:limit]
     by_type = collections.defaultdict(collections.Counter)
     for a in annotations:
         by_type[a["question_type"]][a["multiple_choice_answer"]] += 1
@@ -58,7 +59,7 @@ def run_pipeline_demo(config: str = DEMO_CONFIG, out: str | None = None, address
              for task, m in summary["eval"].items()}
     if "vqav2" in evals and cfg.data.synth:
         annotations = os.path.join(cfg.out, "synth", "eval", "vqav2", "v2_mscoco_val2014_annotations.json")
-        evals["vqav2"]["blind_baseline"] = round(blind_vqa_accuracy(annotations), 2)
+        evals["vqav2"]["blind_baseline"] = round(blind_vqa_accuracy(annotations, cfg.eval.get("limit")), 2)
     served = summary["served"]
     report = {
         "pipeline": cfg.name,

@@ -134,3 +134,34 @@ def test_text_only_training_batch_gives_the_projector_zero_gradients(tiny_mm):
     with torch.no_grad():  # and the loss is exactly the text-only loss
         assert torch.equal(model(input_ids=ids, labels=labels).loss, loss.detach())
     model.zero_grad(set_to_none=True)
+
+
+def test_gradients_become_ready_in_the_same_order_with_and_without_images(tiny_mm):
+    """ZeRO fills its gradient-reduce buckets in the order gradients become ready: a text-only rank and an
+    image rank must produce that order identically, or the reduced buckets would mix different parameters."""
+    model, tokenizer, _ = tiny_mm
+    n = model.config.num_image_tokens
+
+    def ready_order(conversation, n_images):
+        sample = tokenize_conversation(conversation, tokenizer, "v1", n_images, n, 256)
+        kwargs = {"image_features": torch.randn(n_images, n, model.config.vision_config.hidden_size)} \
+            if n_images else {}
+        order = []
+        hooks = [p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
+                 for name, p in model.named_parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        model.train()
+        try:
+            model(input_ids=torch.tensor([sample.input_ids]), labels=torch.tensor([sample.labels]),
+                  **kwargs).loss.backward()
+        finally:
+            model.eval()
+            for h in hooks:
+                h.remove()
+            model.zero_grad(set_to_none=True)
+        return order
+
+    text = ready_order([{"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "five"}], 0)
+    image = ready_order([{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}], 1)
+    assert any(name.startswith("multi_modal_projector") for name in text)
+    assert text == image
