@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-import yaml
+from components.yaml_fields import load_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_TASKS = ("pope", "vqav2", "textvqa")
@@ -109,13 +109,4 @@ def load_pipeline_config(path: str, **overrides) -> PipelineConfig:
         path = os.path.join(ROOT, path)  # a job or kfp task may run from another directory
     if not os.path.isfile(path):
         raise ValueError(f"pipeline config {path} does not exist")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
-    return PipelineConfig(**values)
+    return PipelineConfig(**load_fields(path, PipelineConfig, overrides, "settings"))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import yaml
+from components.yaml_fields import load_fields
+
 
 PHASES = ("align", "instruct")
 
@@ -118,17 +119,7 @@ class TrainConfig:
 
 def load_train_config(path: str | None = None, **overrides) -> TrainConfig:
     """A YAML file's fields, then non-None overrides (command-line flags)."""
-    values: dict = {}
-    if path:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+    values = load_fields(path, TrainConfig, overrides, "training settings")
     missing = [k for k in ("phase", "data", "out", "init") if k not in values]
     if missing:
         raise ValueError(f"missing training settings {missing} (give them in the YAML or as flags)")
