@@ -36,14 +36,18 @@ class Scene:
         return f"{NUMBER_WORDS[self.count]} {self.colour} {noun} at the {self.position}"
 
 
-def random_scene(rng: random.Random, min_side: int = 48, max_side: int = 160) -> Scene:
+def random_scene(rng: random.Random, min_side: int = 64, max_side: int = 160) -> Scene:
+    # Sizes vary freely; aspect ratios stay within 3:4..4:3 so that padding to square leaves the shapes
+    # most of the canvas (a tiny tower sees 16 patches of it).
+    width = rng.randint(min_side, max_side)
+    height = max(min_side * 3 // 4, min(max_side * 4 // 3, round(width * rng.uniform(0.75, 4 / 3))))
     return Scene(
         shape=rng.choice(SHAPES),
         colour=rng.choice(sorted(COLOURS)),
         count=rng.randint(1, 3),
         position=rng.choice(POSITIONS),
-        width=rng.randint(min_side, max_side),
-        height=rng.randint(min_side, max_side),
+        width=width,
+        height=height,
         background=rng.choice(BACKGROUNDS),
     )
 
@@ -51,23 +55,29 @@ def random_scene(rng: random.Random, min_side: int = 48, max_side: int = 160) ->
 def _region(scene: Scene) -> tuple[float, float, float, float]:
     # the part of the canvas (x0, y0, x1, y1 as fractions) where the shapes are drawn
     return {
-        "left": (0.0, 0.2, 0.5, 0.8), "right": (0.5, 0.2, 1.0, 0.8), "top": (0.2, 0.0, 0.8, 0.5),
-        "bottom": (0.2, 0.5, 0.8, 1.0), "center": (0.25, 0.25, 0.75, 0.75),
+        "left": (0.0, 0.1, 0.5, 0.9), "right": (0.5, 0.1, 1.0, 0.9), "top": (0.1, 0.0, 0.9, 0.5),
+        "bottom": (0.1, 0.5, 0.9, 1.0), "center": (0.2, 0.2, 0.8, 0.8),
     }[scene.position]
 
 
 def draw_scene(scene: Scene) -> Image.Image:
-    """Draw `count` shapes side by side inside the scene's region, on its background."""
+    """Draw `count` shapes in a row along the longer side of the scene's region, as large as fits.
+
+    Large shapes matter: with small ones the colour, count and position signal is a few pixels of a
+    16-patch tower input and a small model learns to answer without looking (measured: held-out accuracy
+    stayed at the image-blind level; with these sizes it reaches colour 0.99, count 0.77)."""
     image = Image.new("RGB", (scene.width, scene.height), scene.background)
     pen = ImageDraw.Draw(image)
     fx0, fy0, fx1, fy1 = _region(scene)
     x0, y0 = fx0 * scene.width, fy0 * scene.height
     region_w, region_h = (fx1 - fx0) * scene.width, (fy1 - fy0) * scene.height
-    cell_w = region_w / scene.count
-    side = 0.8 * min(cell_w, region_h)
+    vertical = region_h > region_w
+    cell_w, cell_h = (region_w, region_h / scene.count) if vertical else (region_w / scene.count, region_h)
+    side = 0.9 * min(cell_w, cell_h)
     colour = COLOURS[scene.colour]
     for i in range(scene.count):
-        cx, cy = x0 + cell_w * (i + 0.5), y0 + region_h / 2
+        cx = x0 + (region_w / 2 if vertical else cell_w * (i + 0.5))
+        cy = y0 + (cell_h * (i + 0.5) if vertical else region_h / 2)
         box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
         if scene.shape == "circle":
             pen.ellipse(box, fill=colour)

@@ -162,7 +162,8 @@ def _cmd_data_synth(args) -> int:
     from components.data.synth import SynthConfig, synthesize
 
     summary = synthesize(SynthConfig(out=args.out, records=args.records, eval=args.eval, corrupt=args.corrupt,
-                                     seed=args.seed, cc_images=args.cc_images))
+                                     seed=args.seed, cc_images=args.cc_images,
+                                     instruct_images=args.instruct_images))
     print(json.dumps({"out": args.out, "cc595k_records": summary["cc595k"]["records"],
                       "instruct_records": summary["instruct"]["records"],
                       "bad_records": len(summary["cc595k"]["bad"]) + len(summary["instruct"]["bad"])}))
@@ -194,6 +195,8 @@ def _add_data_parsers(sub) -> None:
     synth.add_argument("--corrupt", type=int, default=0, help="bad records of every kind added to each training set")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--cc-images", choices=["zip", "folder"], default="zip")
+    synth.add_argument("--instruct-images", type=int, default=None,
+                       help="distinct instruct images, two conversations each (default records / 2)")
     synth.set_defaults(func=_cmd_data_synth)
 
     pre = group.add_parser("preprocess", help="Ray Data: JSON + images -> Parquet parts + manifest.json")

@@ -94,7 +94,8 @@ def plan(cfg: PipelineConfig) -> dict:
     features = config.num_image_tokens * vision.hidden_size * 2
     records = {"cc595k": 595_375, "instruct": 157_712}
     if cfg.data.synth:
-        records = {"cc595k": cfg.data.synth.get("records", 200), "instruct": cfg.data.synth.get("records", 200)}
+        captions = cfg.data.synth.get("records", 200)  # the instruct set: two conversations per image
+        records = {"cc595k": captions, "instruct": 2 * cfg.data.synth.get("instruct_images", captions // 2)}
     enc = {"align": cfg.preprocess.get("encode_align", "pixels"),
            "instruct": cfg.preprocess.get("encode_instruct", "pixels")}
     train = {p: cfg.train_config(p, data="<store>", out="<out>", init="<init>") for p in ("align", "instruct")}

@@ -51,6 +51,32 @@ def test_instruct_layout(synth):
     assert len(single) > len(set(single))  # several conversations per image
 
 
+def test_instruct_images_sets_the_distinct_images(tmp_path):
+    summary = synthesize(SynthConfig(out=str(tmp_path), records=10, instruct_images=30, eval=0, seed=4))
+    records = json.load(open(summary["instruct"]["json"]))
+    single = [r["image"] for r in records if isinstance(r.get("image"), str)]
+    assert summary["instruct"]["images_distinct"] == 30 and len(set(single)) == 30 and len(single) == 60
+
+
+def test_shapes_fill_enough_of_the_image():
+    # a 16-patch tower must see them: the smallest drawing (three triangles) still covers >= 5% of the canvas
+    import random
+
+    from PIL import ImageChops
+
+    from components.synthetic_images import draw_scene, random_scene
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = random_scene(rng)
+        image = draw_scene(scene)
+        assert 3 / 4 - 0.02 <= image.height / image.width <= 4 / 3 + 0.02
+        background = image.copy()
+        background.paste(scene.background, (0, 0, *image.size))
+        diff = ImageChops.difference(image, background).convert("L").point(lambda v: 255 if v else 0)
+        covered = sum(diff.histogram()[255:]) / (image.width * image.height)
+        assert covered >= 0.05, (scene, covered)
+
+
 def test_eval_layouts(synth):
     summary, out = synth
     pope = [json.loads(line) for line in open(out / "eval/pope/coco_pope_adversarial.json")]

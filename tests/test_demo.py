@@ -2,10 +2,10 @@
 
 What is checked: every step ran and left its outputs (stores with the corrupt records reported, the
 trained and packed models, eval metrics of all three tasks, a served answer over HTTP), one MLflow
-parent run with a nested run per step, and the re-run skipping every step. The summary reports the
-VQAv2 accuracy next to the best image-blind answerer's on the same questions; beating that baseline
-is not asserted: the tiny model (random frozen tower, random ternary LM) does not yet learn to read
-the image within the demo's budget (see issue 8).
+parent run with a nested run per step, and the re-run skipping every step. The trained model must
+read the image: its VQAv2 accuracy on the held-out generated questions must beat the best image-blind
+answerer on the same questions (the most common answer per question type) by at least 10 points
+(measured: 70.7 against 45.3; a uniform guess among the valid answers scores about 26).
 """
 
 import json
@@ -43,7 +43,8 @@ def demo(tmp_path_factory):
 def test_demo_runs_every_step_and_reports_metrics_and_the_served_answer(demo):
     _, out, summary, _ = demo
     vqa = summary["eval"]["vqav2"]
-    assert 0 <= vqa["accuracy"] <= 100 and 0 < vqa["blind_baseline"] < 100, vqa
+    assert 0 < vqa["blind_baseline"] < 100, vqa
+    assert vqa["accuracy"] >= vqa["blind_baseline"] + 10, vqa  # it answers from the image, well above blind
     assert set(summary["eval"]) == {"pope", "vqav2", "textvqa"}
     assert 0 <= summary["eval"]["pope"]["accuracy"] <= 100
     assert summary["served"]["answer"].strip()

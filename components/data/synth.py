@@ -33,6 +33,7 @@ CAPTION_PROMPTS = (
     "Give a short and clear explanation of the subsequent image.",
     "Summarize the visual content of the image.",
 )
+# LLaVA-1.5 short-answer records put the image first: "<image>\n{question}\n" + this (the eval prompt too)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 # bad-record kind -> the reason the preprocessing report must give
 CORRUPT_KINDS = {
@@ -59,6 +60,7 @@ class SynthConfig:
     eval: questions per evaluation set (POPE gets this many per split).
     corrupt: bad records of every kind added to each training set.
     seed: random seed; the same seed writes the same files.
+    instruct_images: distinct images of the instruct set, two conversations each (default records // 2).
     cc_images: "zip" (as published: images.zip) or "folder".
     """
 
@@ -68,10 +70,13 @@ class SynthConfig:
     corrupt: int = 0
     seed: int = 0
     cc_images: str = "zip"
+    instruct_images: int | None = None
 
     def __post_init__(self):
         if self.records < 1 or self.eval < 0 or self.corrupt < 0:
             raise ValueError("records must be >= 1, eval and corrupt >= 0")
+        if self.instruct_images is not None and self.instruct_images < 2:
+            raise ValueError("instruct_images must be >= 2")
         if self.cc_images not in ("zip", "folder"):
             raise ValueError(f"cc_images must be 'zip' or 'folder', not {self.cc_images!r}")
 
@@ -188,7 +193,7 @@ def write_instruct(cfg: SynthConfig, rng: random.Random) -> dict:
     folder = os.path.join(cfg.out, "instruct")
     writer = _Writer(os.path.join(folder, "images"), as_zip=False)
     records, scenes = [], {}
-    n_images = max(2, cfg.records // 2)
+    n_images = cfg.instruct_images or max(2, cfg.records // 2)
     for i in range(n_images):
         scene = random_scene(rng)
         name = f"{i:012d}.jpg"
@@ -204,7 +209,7 @@ def write_instruct(cfg: SynthConfig, rng: random.Random) -> dict:
         records.append({"id": f"{name[:-4]}_conv", "image": name, "conversations": turns})
         q, a = rng.choice(qa)
         records.append({"id": f"{name[:-4]}_short", "image": name, "conversations": [
-            {"from": "human", "value": f"{q}\n<image>\n{SHORT_ANSWER}"}, {"from": "gpt", "value": a}]})
+            {"from": "human", "value": f"<image>\n{q}\n{SHORT_ANSWER}"}, {"from": "gpt", "value": a}]})
     for i in range(max(1, cfg.records // 20)):  # text-only records
         a, b = rng.randint(0, 4), rng.randint(0, 5)
         if a + b < len(NUMBER_WORDS):

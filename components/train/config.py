@@ -46,7 +46,8 @@ class TrainConfig:
     checkpoint_every: optimizer steps between checkpoints (a final one is always written).
     seed: model-independent randomness (data order).
     gradient_checkpointing: recompute block activations in the backward pass.
-    group_by_length: batch samples of similar length together (within a window of 16 batches).
+    group_by_length: sort shuffled samples by length within megabatches of `workers` batches (LLaVA's
+        length-grouped sampler), so a batch needs little padding and stays a random draw.
     max_failures: worker failures Ray Train recovers from (restarting from the last checkpoint).
     experiment: MLflow experiment.
     run_name: MLflow run name (default: the phase).

@@ -1,11 +1,16 @@
 """Deterministic streaming input for training, from the sample store.
 
 Every rank streams its own store parts through Ray Data (`get_dataset_shard("train_<rank>")`),
-dealt out per epoch in a seeded order, with order preserved. So the data a rank sees at each step
-is a function of (seed, epoch, step) only: a run resumed from a checkpoint continues on exactly the
-data it would have seen, and every rank runs the same number of micro-steps (DeepSpeed's
-collectives need that). Batches are grouped by length within windows of 16 batches, as LLaVA's
-length-grouped sampler does, with a seeded shuffle of the batch order.
+dealt out per epoch in a seeded order, with order preserved. Samples are then shuffled (seeded) within
+windows of 16 batches, and, as LLaVA's length-grouped sampler does, sorted by length within
+megabatches of `group_batches` batches (LLaVA: world size x batch) so that padding stays small while
+every batch remains a random draw. So the data a rank sees at each step is a function of
+(seed, epoch, step) only: a run resumed from a checkpoint continues on exactly the data it would have
+seen, and every rank runs the same number of micro-steps (DeepSpeed's collectives need that).
+
+Sorting a whole window by length instead makes each batch one question template (the store keeps
+records in file order): measured on the tiny demo, held-out accuracy then stays near the image-blind
+level (0.40 after 600 steps, against 0.68 with shuffled batches).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from components import storage
 from components.data.store import SAMPLE_SCHEMA, decode_sample, load_manifest, parts_uri
 from model.conversation import IGNORE_INDEX
 
-LENGTH_WINDOW_BATCHES = 16
+SHUFFLE_WINDOW_BATCHES = 16
 
 
 def deal_parts(parts: list[dict], workers: int, seed: int, epoch: int) -> list[list[dict]]:
@@ -87,26 +92,26 @@ def collate(samples: list, pad_id: int, encode: str) -> dict:
 
 
 def micro_batches(rows, epoch_rows: int, micro_steps: int, batch: int, seed: int, epoch: int,
-                  group_by_length: bool):
+                  group_by_length: bool, group_batches: int = 2):
     """Consume exactly `epoch_rows` rows of `rows` (an iterator of store rows); yield `micro_steps` lists of samples."""
-    window = batch * LENGTH_WINDOW_BATCHES
+    window = batch * SHUFFLE_WINDOW_BATCHES
+    megabatch = batch * max(1, group_batches)
     used = micro_steps * batch
     taken, buffer, emitted = 0, [], 0
-    rng = random.Random(f"{seed}-{epoch}-length")
+    rng = random.Random(f"{seed}-{epoch}-shuffle")
     while taken < epoch_rows:
         row = next(rows)
         taken += 1
         if taken <= used:
             buffer.append(decode_sample(row))
         if len(buffer) == window or (taken == used and buffer):
+            rng.shuffle(buffer)
             if group_by_length:
-                buffer.sort(key=lambda s: (len(s.input_ids), s.idx))
-            chunks = [buffer[i: i + batch] for i in range(0, len(buffer), batch)]
-            if group_by_length:
-                rng.shuffle(chunks)
-            for chunk in chunks:
+                buffer = [s for i in range(0, len(buffer), megabatch)
+                          for s in sorted(buffer[i: i + megabatch], key=lambda s: (-len(s.input_ids), s.idx))]
+            for i in range(0, len(buffer), batch):
                 emitted += 1
-                yield chunk
+                yield buffer[i: i + batch]
             buffer = []
     assert emitted == micro_steps, (emitted, micro_steps)
 

@@ -145,7 +145,7 @@ def train_loop(loop_config: dict) -> None:
             continue
         rows = iter(ray.train.get_dataset_shard(shard_name(rank, epoch)).iter_rows())
         batches = micro_batches(rows, epoch_plan["rows"][rank], epoch_plan["micro_steps"], cfg.per_device_batch,
-                                cfg.seed, epoch, cfg.group_by_length)
+                                cfg.seed, epoch, cfg.group_by_length, group_batches=world)
         for micro, samples in enumerate(batches):
             # Batches already trained on (before a restart) are read but skipped: same data order on resume.
             if done:
