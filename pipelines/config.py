@@ -20,7 +20,7 @@ EVAL_TASKS = ("pope", "vqav2", "textvqa")
 class DataSources:
     """Where the raw data comes from.
 
-    synth: generate data with `bitllava data synth` settings ({records, eval, corrupt}); or null.
+    synth: generate data with `bitllava data synth` settings ({records, instruct_images, eval, corrupt}); or null.
     cc595k: {json, images} of LLaVA-CC3M-Pretrain-595K (used when synth is null).
     instruct: {json, images} of LLaVA-Instruct-150K (used when synth is null).
     eval: {pope: {annotations: [...], images}, vqav2: {questions, annotations, images}, textvqa: {...}}.
