@@ -2,7 +2,7 @@
 
     JSON array (local or s3://) ── driver: parse, group records sharing images, skip committed records
       │ from_items(groups).repartition            (a JSON array reaches Ray as one block)
-      ▼ map_batches(PrepareGroups)      decode + validate each distinct image once, pad-to-square, CLIP processor,
+      ▼ map_batches(prepare_groups)     decode + validate each distinct image once, pad-to-square, CLIP processor,
       │                        template + tokenize + labels for every record of the group
       ▼ map_batches(EncodeGroups)   `features` mode only: frozen CLIP tower in an autoscaling actor
       │                        pool (GPU actors when the cluster has GPUs), fp16 patch features
@@ -153,8 +153,21 @@ def tower_sha256(model_dir: str) -> str:
     return h.hexdigest()
 
 
+_PREPARERS: dict = {}  # per worker process: run key -> PrepareGroups, so reused workers skip the set-up
+
+
+def prepare_groups(batch: pa.Table, key: str, cfg: PreprocessConfig, tokenizer, processor, image_tokens: int,
+                   max_length: int) -> pa.Table:
+    """Ray Data UDF (tasks): a task, unlike an actor, runs on Ray's reused worker processes, so a run pays
+    no process start-up and the tokenizer/image-source set-up is done once per worker and run."""
+    if key not in _PREPARERS:
+        _PREPARERS.clear()
+        _PREPARERS[key] = PrepareGroups(cfg, tokenizer, processor, image_tokens, max_length)
+    return _PREPARERS[key](batch)
+
+
 class PrepareGroups:
-    """Ray Data UDF (actor pool): image groups -> their processed image(s) and each record's tokens or bad reason."""
+    """Image groups -> their processed image(s) and each record's tokens or bad reason."""
 
     def __init__(self, cfg: PreprocessConfig, tokenizer, processor, image_tokens: int, max_length: int):
         self.source = ImageSource(cfg.images, cfg.s3_endpoint)
@@ -163,21 +176,34 @@ class PrepareGroups:
                                          cfg.max_image_pixels, cfg.max_text_chars)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.prepare(group) for group in batch.to_pylist()])
+        groups = batch.to_pylist()
+        decoded = [self.decode(group) for group in groups]
+        images = [image for _, _, group_images in decoded for image in group_images]
+        # one processor call for the whole batch: its per-call overhead is most of a small image's cost
+        pixels = self.processor.pixels(images) if images else None
+        out, start = [], 0
+        for group, (good, errors, group_images) in zip(groups, decoded):
+            own = pixels[start: start + len(group_images)] if group_images else None
+            start += len(group_images)
+            out.append(self.prepare(group, good, errors, own))
+        return pa.Table.from_pylist(out)
 
-    def prepare(self, group: dict) -> dict:
-        names = json.loads(group["names"])  # the group's distinct images, each decoded once
-        good, errors, arrays = [], {}, []
-        for name in names:
+    def decode(self, group: dict) -> tuple[list[str], dict, list]:
+        """The group's distinct images, each read and decoded once: (good names, errors by name, images)."""
+        good, errors, images = [], {}, []
+        for name in json.loads(group["names"]):
             try:
-                arrays.append(self.processor.pixels([decode_image(self.source.read(name), name, self.max_pixels)]))
+                images.append(decode_image(self.source.read(name), name, self.max_pixels))
                 good.append(name)
             except BadRecord as err:
                 errors[name] = err
+        return good, errors, images
+
+    def prepare(self, group: dict, good: list[str], errors: dict, pixels: np.ndarray | None) -> dict:
         image_bytes, image_shape = b"", []
-        if arrays:
-            pixels = np.concatenate(arrays)
+        if pixels is not None:
             image_bytes, image_shape = pixels.tobytes(), list(pixels.shape)
+        position = {name: i for i, name in enumerate(good)}
         out = {k: [] for k in ("ids", "bad", "detail", "input_ids", "labels", "image_rows")}
         for idx, raw in zip(group["idx"], group["raw"]):
             rid, reason, detail, ids, labels, rows = f"#{idx}", "", "", b"", b"", "[]"
@@ -190,7 +216,7 @@ class PrepareGroups:
                         raise errors[name]
                 sample = self.processor.sample(record, idx, len(own))
                 ids, labels = sample.input_ids.tobytes(), sample.labels.tobytes()
-                rows = json.dumps([good.index(name) for name in own])
+                rows = json.dumps([position[name] for name in own])
             except BadRecord as err:
                 reason, detail = err.reason, err.detail
             for key, value in zip(out, (rid, reason, detail, ids, labels, rows)):
@@ -351,10 +377,11 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
         # from_items splits the groups into `blocks` blocks itself: no single-block JSON to repartition
         ds = ray.data.from_items(groups, override_num_blocks=blocks)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        # Fractional CPU requests keep the actor pools and the writer from reserving every core and
-        # starving each other on small clusters; the OS shares the cores among them.
-        ds = ds.map_batches(PrepareGroups, fn_constructor_args=(cfg, tokenizer, processor, image_tokens, max_length),
-                            batch_size=cfg.prepare_batch, batch_format="pyarrow", concurrency=(1, cpus), num_cpus=0.5)
+        # Fractional CPU requests keep the prepare tasks, the encoder pool and the writer from reserving
+        # every core and starving each other on small clusters; the OS shares the cores among them.
+        key = f"{attempt}-{os.getpid()}"  # a new run (or driver) builds fresh per-worker processors
+        ds = ds.map_batches(prepare_groups, fn_args=(key, cfg, tokenizer, processor, image_tokens, max_length),
+                            batch_size=cfg.prepare_batch, batch_format="pyarrow", num_cpus=0.75)
         if cfg.encode == "features":
             ds = ds.map_batches(EncodeGroups, fn_constructor_args=(cfg.model,), batch_size=cfg.encode_batch,
                                 batch_format="pyarrow", concurrency=tuple(cfg.encoder_actors), num_gpus=gpus,
