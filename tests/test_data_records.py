@@ -138,3 +138,28 @@ def test_preprocess_command_line_errors(tmp_path):
     for extra, message in cases:
         proc = subprocess.run([bitllava, *base, *extra], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_record_groups_share_images_and_stay_bounded():
+    from components.data.preprocess import group_records
+
+    turn = [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "no"}]
+    chain = [{"id": f"c{i}", "image": [f"{i}.jpg", f"{i + 1}.jpg"], "conversations": turn} for i in range(100)]
+    one = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]
+    single = [{"id": "s", "image": "a.jpg", "conversations": one}, {"id": "t", "image": "a.jpg", "conversations": one},
+              {"id": "text", "conversations": one[1:]}]
+    groups = group_records(chain + single, skip={5}, max_images=32)
+    covered = sorted(i for g in groups for i in g["idx"])
+    assert covered == [i for i in range(103) if i != 5]  # every pending record exactly once
+    names = [json.loads(g["names"]) for g in groups]
+    assert all(len(n) <= 32 for n in names)  # the 100-record chain (skip 5 splits it in two) is capped
+    assert len({n for ns in names for n in ns}) == 102  # 0..100.jpg and a.jpg
+    by_first = {g["idx"][0]: g for g in groups}
+    assert by_first[100]["idx"] == [100, 101] and json.loads(by_first[100]["names"]) == ["a.jpg"]  # shared image: one group
+    records = chain + single
+    for g in groups:  # each group lists exactly its records' images, each once
+        image_fields = [records[i].get("image", []) for i in g["idx"]]
+        own = {n for field in image_fields for n in ([field] if isinstance(field, str) else field)}
+        assert sorted(json.loads(g["names"])) == sorted(own)
+    uncapped = group_records(chain, skip=set(), max_images=1000)
+    assert len(uncapped) == 1 and len(json.loads(uncapped[0]["names"])) == 101

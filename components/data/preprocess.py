@@ -283,10 +283,16 @@ def write_parts(batch: pa.Table, out: str, endpoint: str | None, attempt: str) -
     return pa.table({"part": [name], "samples": [len(rows)], "bad": [len(bad)]})
 
 
-def group_records(records: list, skip: set[int]) -> list[dict]:
+MAX_GROUP_IMAGES = 32  # a group is one row of the prepare/encode stages: its images travel together
+
+
+def group_records(records: list, skip: set[int], max_images: int = MAX_GROUP_IMAGES) -> list[dict]:
     """Pending records grouped so that records sharing any image land together (connected components of
     the record-image graph): every distinct image is then decoded and encoded exactly once, also when a
-    two-image record shares one image with records of its own. Text-only and malformed records stand alone."""
+    two-image record shares one image with records of its own. Text-only and malformed records stand alone.
+    A component with more than `max_images` images (multi-image records chaining many images together) is
+    split into groups of at most that many; an image shared across the split is processed once per group
+    (the manifest's images_encoded counts it each time)."""
     parent: dict = {}
 
     def find(key):
@@ -308,13 +314,20 @@ def group_records(records: list, skip: set[int]) -> list[dict]:
             parent[find(key)] = find(keys[0])
         find(keys[0])
         pending.append((idx, record, keys))
-    groups: dict = {}
+    components: dict = {}
     for idx, record, keys in pending:
-        group = groups.setdefault(find(keys[0]), {"names": [], "idx": [], "raw": []})
-        group["names"] += [k[1] for k in keys if k[0] == "image" and k[1] not in group["names"]]
-        group["idx"].append(idx)
-        group["raw"].append(json.dumps(record))
-    return [{**g, "names": json.dumps(g["names"])} for g in groups.values()]
+        components.setdefault(find(keys[0]), []).append((idx, record, [k[1] for k in keys if k[0] == "image"]))
+    groups = []
+    for members in components.values():
+        group = None
+        for idx, record, own in members:
+            if group is None or len(set(group["names"]) | set(own)) > max(max_images, len(own)):
+                group = {"names": [], "idx": [], "raw": []}
+                groups.append(group)
+            group["names"] += [n for n in dict.fromkeys(own) if n not in group["names"]]
+            group["idx"].append(idx)
+            group["raw"].append(json.dumps(record))
+    return [{**g, "names": json.dumps(g["names"])} for g in groups]
 
 
 def fingerprint(cfg: PreprocessConfig, json_bytes: bytes, identity: dict) -> dict:
