@@ -392,8 +392,8 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         # Fractional CPU requests keep the prepare tasks, the encoder pool and the writer from reserving
         # every core and starving each other on small clusters; the OS shares the cores among them.
-        key = f"{attempt}-{os.getpid()}"  # a new run (or driver) builds fresh per-worker processors
-        ds = ds.map_batches(prepare_groups, fn_args=(key, cfg, tokenizer, processor, image_tokens, max_length),
+        # `attempt` (unique per run) keys the per-worker processors: a new run builds fresh ones
+        ds = ds.map_batches(prepare_groups, fn_args=(attempt, cfg, tokenizer, processor, image_tokens, max_length),
                             batch_size=cfg.prepare_batch, batch_format="pyarrow", num_cpus=0.75)
         if cfg.encode == "features":
             ds = ds.map_batches(EncodeGroups, fn_constructor_args=(cfg.model,), batch_size=cfg.encode_batch,
