@@ -2,12 +2,15 @@
 
 Prints one JSON line. `pixels` mode on the `tiny` preset's image processor, CC-595K-style data:
 - plain loop: decode + validate + pad-to-square + CLIP processor + template/tokenize, one process;
-- Ray Data: `bitllava data preprocess` on a local cluster of `--cpus` CPUs, per core = images/s / cpus,
-  measured on a warm cluster (a first 10 x N run starts the worker processes and does their imports;
-  its time is reported as `ray_seconds_10n_cold`);
-- peak memory (RSS summed over the driver and every Ray worker, sampled) for N and 10 x N records.
+- Ray Data: `bitllava data preprocess` of 10 x N records on a local cluster of `--cpus` CPUs, per core =
+  images/s / cpus, measured on a warm cluster (a first 10 x N run starts the worker processes and does
+  their imports; its time is reported as `ray_seconds_10n_cold`) with nothing else sampling;
+  `ray_marginal_*` is the steady-state rate, (10N - N records) / (10N time - N time), which leaves out
+  the fixed start-up of a Ray Data execution (`ray_seconds_n` shows it on a small run);
+- peak memory (RSS summed over the driver and every Ray worker process, sampled) for N and 10 x N
+  records, in separate runs.
 
-    python benchmarks/preprocess.py [--records 200] [--cpus 2]
+    python benchmarks/preprocess.py [--records 2000] [--cpus 2]
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class PeakMemory:
         for proc in psutil.process_iter(["cmdline"]):
             try:
                 cmd = " ".join(proc.info["cmdline"] or [])
-                if cmd.startswith("ray::") and "IDLE" not in cmd:
+                if cmd.startswith("ray::"):  # idle workers too: they keep what they allocated
                     total += proc.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -79,19 +82,23 @@ def plain_loop(summary: dict) -> tuple[int, float]:
     return done, time.perf_counter() - start
 
 
-def ray_pipeline(summary: dict, out: str) -> tuple[int, float, int]:
+def ray_pipeline(summary: dict, out: str) -> tuple[int, float]:
     cfg = PreprocessConfig(source="cc595k", json=summary["json"], images=summary["images"], out=out,
                            phase="align", preset="tiny", shard_records=256)
+    start = time.perf_counter()
+    manifest = preprocess(cfg)
+    return manifest["counts"]["samples"], time.perf_counter() - start
+
+
+def peak_memory(summary: dict, out: str) -> int:
     with PeakMemory() as mem:
-        start = time.perf_counter()
-        manifest = preprocess(cfg)
-        seconds = time.perf_counter() - start
-    return manifest["counts"]["samples"], seconds, mem.peak
+        ray_pipeline(summary, out)
+    return mem.peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=200)
+    parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
     import ray
@@ -102,12 +109,15 @@ def main() -> None:
         large = synthesize(SynthConfig(out=os.path.join(root, "10n"), records=10 * args.records, eval=0))["cc595k"]
         plain_n, plain_s = plain_loop(large)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        _, cold_s, _ = ray_pipeline(large, os.path.join(root, "warmup"))  # worker processes started, imports done
-        n_small, s_small, mem_small = ray_pipeline(small, os.path.join(root, "store-n"))
-        n_large, s_large, mem_large = ray_pipeline(large, os.path.join(root, "store-10n"))
+        _, cold_s = ray_pipeline(large, os.path.join(root, "warmup"))  # worker processes started, imports done
+        n_small, s_small = ray_pipeline(small, os.path.join(root, "store-n"))
+        n_large, s_large = ray_pipeline(large, os.path.join(root, "store-10n"))
+        mem_small = peak_memory(small, os.path.join(root, "mem-n"))
+        mem_large = peak_memory(large, os.path.join(root, "mem-10n"))
         ray.shutdown()
         plain_rate = plain_n / plain_s
         ray_rate_per_core = n_large / s_large / args.cpus
+        marginal_per_core = (n_large - n_small) / (s_large - s_small) / args.cpus
         print(json.dumps({
             "benchmark": "preprocess_pixels_tiny",
             "records_n": args.records,
@@ -116,6 +126,8 @@ def main() -> None:
             "ray_images_per_s": round(n_large / s_large, 1),
             "ray_images_per_s_per_core": round(ray_rate_per_core, 1),
             "ray_per_core_vs_plain": round(ray_rate_per_core / plain_rate, 3),
+            "ray_marginal_images_per_s_per_core": round(marginal_per_core, 1),
+            "ray_marginal_per_core_vs_plain": round(marginal_per_core / plain_rate, 3),
             "ray_seconds_n": round(s_small, 2),
             "ray_seconds_10n": round(s_large, 2),
             "ray_seconds_10n_cold": round(cold_s, 2),

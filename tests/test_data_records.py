@@ -163,3 +163,19 @@ def test_record_groups_share_images_and_stay_bounded():
         assert sorted(json.loads(g["names"])) == sorted(own)
     uncapped = group_records(chain, skip=set(), max_images=1000)
     assert len(uncapped) == 1 and len(json.loads(uncapped[0]["names"])) == 101
+
+
+@pytest.mark.parametrize("records,per_group,per_part,cpus,expected", [
+    (20000, 1, 256, 2, 10), (10000, 1, 256, 2, 6), (2000, 1, 256, 2, 4), (600, 1, 4, 2, 4), (60, 1, 8, 2, 4),
+    (100, 1, 256, 4, 1), (300000, 2, 128, 16, 160), (7, 1, 256, 2, 1)])
+def test_pixel_tasks_are_long_but_keep_every_core_busy(records, per_group, per_part, cpus, expected):
+    from components.data.preprocess import TASK_RECORDS, pixel_tasks
+
+    groups = [{"idx": list(range(i, i + per_group))} for i in range(0, records, per_group)]
+    parts = -(-len(groups) // per_part)
+    tasks = pixel_tasks(groups, per_part, cpus)
+    assert tasks == expected and 1 <= tasks <= parts
+    if parts >= 2 * cpus:
+        assert tasks >= 2 * cpus  # every core has work, twice over
+    if parts >= 4 * cpus:
+        assert records / tasks <= 2 * TASK_RECORDS  # tasks stay short enough to balance

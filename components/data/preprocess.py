@@ -1,12 +1,13 @@
 """`bitllava data preprocess`: LLaVA JSON + images -> sharded sample store, with Ray Data.
 
     JSON array (local or s3://) ── driver: parse, group records sharing images, skip committed records
-      │ from_items(groups).repartition            (a JSON array reaches Ray as one block)
-      ▼ map_batches(prepare_groups)     decode + validate each distinct image once, pad-to-square, CLIP processor,
-      │                        template + tokenize + labels for every record of the group
-      ▼ map_batches(EncodeGroups)   `features` mode only: frozen CLIP tower in an autoscaling actor
-      │                        pool (GPU actors when the cluster has GPUs), fp16 patch features
-      ▼ map_batches(WriteParts)     Parquet parts written atomically, bad records in their footers
+      │ from_items(groups, one block per part)     (a JSON array would reach Ray as one block)
+      ▼ pixels:   map_batches(prepare_and_write)   one task per part: decode + validate each distinct
+      │                        image once, pad-to-square, CLIP processor, template + tokenize + labels,
+      │                        then the part is written (processed pixels never cross the object store)
+      ▼ features: map_batches(prepare_groups) -> map_batches(EncodeGroups) -> map_batches(write_parts)
+      │                        the frozen CLIP tower runs in an autoscaling actor pool (GPU actors when
+      │                        the cluster has GPUs) between preparing and writing: fp16 patch features
     manifest.json              counts by reason, identities, content hash (written last)
 
 Grouping records that share images (connected components of the record-image graph) makes every
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -58,10 +60,9 @@ class PreprocessConfig:
     max_image_pixels: images with more pixels are rejected as decompression bombs.
     max_text_chars: records with more conversation text are rejected as over-long (shorter ones are
         truncated to max_length tokens, as LLaVA does).
-    num_blocks: Ray Data blocks to split the record groups into (default: 4 per CPU).
     encoder_actors: (min, max) size of the autoscaling feature-encoder actor pool.
     encode_batch: image groups per encoder call.
-    prepare_batch: image groups per decode/tokenize call.
+    prepare_batch: image groups per image-processor call (bounds the float32 working set of a call).
     s3_endpoint: S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).
     """
 
@@ -77,7 +78,6 @@ class PreprocessConfig:
     shard_records: int = 256
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
-    num_blocks: int | None = None
     encoder_actors: tuple[int, int] = (1, 2)
     encode_batch: int = 16
     prepare_batch: int = 32
@@ -93,8 +93,8 @@ class PreprocessConfig:
             raise ValueError(f"unknown encoding {self.encode!r}; choose one of {ENCODINGS}")
         if self.encode == "features" and not self.model:
             raise ValueError("--encode features needs --model (a base model folder holding the frozen tower)")
-        if self.shard_records < 1 or self.max_image_pixels < 1 or self.encode_batch < 1:
-            raise ValueError("shard_records, max_image_pixels and encode_batch must be positive")
+        if min(self.shard_records, self.max_image_pixels, self.encode_batch, self.prepare_batch) < 1:
+            raise ValueError("shard_records, max_image_pixels, encode_batch and prepare_batch must be positive")
         lo, hi = self.encoder_actors
         if not 1 <= lo <= hi:
             raise ValueError(f"encoder_actors must be (min, max) with 1 <= min <= max, got {self.encoder_actors}")
@@ -111,7 +111,7 @@ class PreprocessConfig:
 
 
 def load_processing(cfg: PreprocessConfig):
-    """(tokenizer, image processor, image tokens per image, max_length, identity dict) of the run's model."""
+    """(tokenizer, image processor, image tokens per image, max_length, model config) of the run's model."""
     from transformers import PreTrainedTokenizerFast
 
     from model.multimodal import BitLlavaConfig
@@ -129,6 +129,11 @@ def load_processing(cfg: PreprocessConfig):
         config, tokenizer = preset_config(cfg.preset)
         processor = build_image_processor(config.vision_config.image_size)
         max_length = cfg.max_length or get_preset(cfg.preset).max_length
+    return tokenizer, processor, config.num_image_tokens, max_length, config
+
+
+def processing_identity(cfg: PreprocessConfig, tokenizer, processor, config) -> dict:
+    """What the store's samples depend on besides the data: tokenizer, image processing, vision tower."""
     identity = {
         "tokenizer_sha256": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
         "image_processor": {k: dict(v) if hasattr(v, "keys") else list(v) for k, v in
@@ -139,7 +144,7 @@ def load_processing(cfg: PreprocessConfig):
     if cfg.encode == "features":
         identity["vision_tower"] = {"sha256": tower_sha256(cfg.model), "layer": config.vision_feature_layer,
                                     "hidden": config.vision_config.hidden_size}
-    return tokenizer, processor, config.num_image_tokens, max_length, identity
+    return identity
 
 
 def tower_sha256(model_dir: str) -> str:
@@ -156,14 +161,34 @@ def tower_sha256(model_dir: str) -> str:
 _PREPARERS: dict = {}  # per worker process: run key -> PrepareGroups, so reused workers skip the set-up
 
 
-def prepare_groups(batch: pa.Table, key: str, cfg: PreprocessConfig, tokenizer, processor, image_tokens: int,
-                   max_length: int) -> pa.Table:
-    """Ray Data UDF (tasks): a task, unlike an actor, runs on Ray's reused worker processes, so a run pays
-    no process start-up and the tokenizer/image-source set-up is done once per worker and run."""
+def _preparer(key: str, cfg: PreprocessConfig, processing: dict) -> PrepareGroups:
+    """The worker's PrepareGroups for run `key`. A task, unlike an actor, runs on Ray's reused worker
+    processes, so a run pays no process start-up. The tokenizer and image processor travel as an object
+    reference (nested in a dict, so Ray does not resolve it for every task) and are fetched once per
+    worker and run: as plain task arguments every task would deserialize them again (~0.15 s each)."""
     if key not in _PREPARERS:
+        import ray
+
         _PREPARERS.clear()
+        tokenizer, processor, image_tokens, max_length = ray.get(processing["ref"])
         _PREPARERS[key] = PrepareGroups(cfg, tokenizer, processor, image_tokens, max_length)
-    return _PREPARERS[key](batch)
+    return _PREPARERS[key]
+
+
+def prepare_groups(batch: pa.Table, key: str, cfg: PreprocessConfig, processing: dict) -> pa.Table:
+    """Ray Data UDF (tasks), `features` mode: image groups -> prepared groups for the encoder pool."""
+    return pa.Table.from_pylist(_preparer(key, cfg, processing)(batch.to_pylist()))
+
+
+def prepare_and_write(batch: pa.Table, key: str, cfg: PreprocessConfig, processing: dict,
+                      groups_per_part: int) -> pa.Table:
+    """Ray Data UDF (tasks), `pixels` mode: a few parts' image groups -> each part prepared, written, and
+    its stats returned. Preparing and writing in one task keeps the processed pixels out of the object
+    store and leaves one operator to Ray Data's resource allocator, so every core runs a task; one part
+    at a time is held in memory."""
+    preparer, groups = _preparer(key, cfg, processing), batch.to_pylist()
+    return pa.concat_tables([write_groups(preparer(groups[i: i + groups_per_part]), cfg.out, cfg.s3_endpoint, key)
+                             for i in range(0, len(groups), groups_per_part)])
 
 
 class PrepareGroups:
@@ -171,22 +196,24 @@ class PrepareGroups:
 
     def __init__(self, cfg: PreprocessConfig, tokenizer, processor, image_tokens: int, max_length: int):
         self.source = ImageSource(cfg.images, cfg.s3_endpoint)
-        self.max_pixels = cfg.max_image_pixels
+        self.max_pixels, self.chunk = cfg.max_image_pixels, cfg.prepare_batch
         self.processor = RecordProcessor(tokenizer, processor, cfg.template, image_tokens, max_length,
                                          cfg.max_image_pixels, cfg.max_text_chars)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        groups = batch.to_pylist()
+    def __call__(self, groups: list[dict]) -> list[dict]:
+        return [out for i in range(0, len(groups), self.chunk) for out in self.prepare_chunk(groups[i: i + self.chunk])]
+
+    def prepare_chunk(self, groups: list[dict]) -> list[dict]:
         decoded = [self.decode(group) for group in groups]
         images = [image for _, _, group_images in decoded for image in group_images]
-        # one processor call for the whole batch: its per-call overhead is most of a small image's cost
+        # one processor call per chunk: its per-call overhead is most of a small image's cost
         pixels = self.processor.pixels(images) if images else None
         out, start = [], 0
         for group, (good, errors, group_images) in zip(groups, decoded):
             own = pixels[start: start + len(group_images)] if group_images else None
             start += len(group_images)
             out.append(self.prepare(group, good, errors, own))
-        return pa.Table.from_pylist(out)
+        return out
 
     def decode(self, group: dict) -> tuple[list[str], dict, list]:
         """The group's distinct images, each read and decoded once: (good names, errors by name, images)."""
@@ -260,9 +287,14 @@ class EncodeGroups:
 
 
 def write_parts(batch: pa.Table, out: str, endpoint: str | None, attempt: str) -> pa.Table:
-    """Ray Data UDF (light tasks): a batch of processed groups -> one Parquet part; returns the part's stats."""
+    """Ray Data UDF (light tasks), `features` mode: a batch of encoded groups -> one Parquet part's stats."""
+    return write_groups(batch.to_pylist(), out, endpoint, attempt)
+
+
+def write_groups(groups: list[dict], out: str, endpoint: str | None, attempt: str) -> pa.Table:
+    """Prepared (or encoded) groups -> one Parquet part, written atomically; returns the part's stats."""
     rows, bad, indices, encoded = [], [], [], 0
-    for group in batch.to_pylist():
+    for group in groups:
         shape = json.loads(group["image_shape"])
         encoded += group["encoded"]
         for j, idx in enumerate(group["idx"]):
@@ -281,6 +313,20 @@ def write_parts(batch: pa.Table, out: str, endpoint: str | None, attempt: str) -
     name = write_part(out, rows, indices, bad, encoded, endpoint, attempt)
     print(f"[preprocess] wrote {name}: {len(rows)} samples, {len(bad)} bad records", file=sys.stderr, flush=True)
     return pa.table({"part": [name], "samples": [len(rows)], "bad": [len(bad)]})
+
+
+TASK_RECORDS = 2048  # records per `pixels` task: see pixel_tasks()
+
+
+def pixel_tasks(groups: list[dict], groups_per_part: int, cpus: int) -> int:
+    """How many tasks (Ray Data blocks) to split the groups into in `pixels` mode. Each task writes its
+    groups as parts of at most `groups_per_part` groups and covers about TASK_RECORDS records, so that Ray
+    Data's per-task scheduling latency (0.1-0.2 s between a task's end and the next one's start on that
+    worker) stays small against the work; there are at least two tasks per CPU, and a multiple of the CPU
+    count, while the parts allow, so that no core idles while the last tasks run."""
+    parts = math.ceil(len(groups) / groups_per_part)
+    records = sum(len(g["idx"]) for g in groups)
+    return min(parts, cpus * math.ceil(max(records / TASK_RECORDS, 2 * cpus) / cpus))
 
 
 MAX_GROUP_IMAGES = 32  # a group is one row of the prepare/encode stages: its images travel together
@@ -331,7 +377,7 @@ def group_records(records: list, skip: set[int], max_images: int = MAX_GROUP_IMA
 
 
 def fingerprint(cfg: PreprocessConfig, json_bytes: bytes, identity: dict) -> dict:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "num_blocks", "encoder_actors",
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "encoder_actors",
                                                                    "encode_batch", "s3_endpoint", "model")}
     fp = {"schema_version": SCHEMA_VERSION, "json_sha256": hashlib.sha256(json_bytes).hexdigest(),
           "settings": settings, "identity": identity}
@@ -359,7 +405,8 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
     import ray
 
     start = time.time()
-    tokenizer, processor, image_tokens, max_length, identity = load_processing(cfg)
+    tokenizer, processor, image_tokens, max_length, config = load_processing(cfg)
+    identity = processing_identity(cfg, tokenizer, processor, config)
     json_bytes = storage.read_bytes(cfg.json, cfg.s3_endpoint)
     fp = fingerprint(cfg, json_bytes, identity)
     done = _check_fingerprint(cfg, fp)
@@ -379,29 +426,34 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
     groups = group_records(records, covered)
     attempt = uuid.uuid4().hex
     print(f"[preprocess] {len(records)} records, {len(covered)} already in committed parts, "
-          f"{sum(len(g['idx']) for g in groups)} to process in {len(groups)} image groups", file=sys.stderr)
+          f"{len(records) - len(covered)} to process in {len(groups)} image groups", file=sys.stderr)
     if groups:
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=True)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        records_per_group = sum(len(g["idx"]) for g in groups) / len(groups)
-        groups_per_part = max(1, round(cfg.shard_records / records_per_group))
-        blocks = cfg.num_blocks or min(len(groups), 4 * cpus)
-        # from_items splits the groups into `blocks` blocks itself: no single-block JSON to repartition
-        ds = ray.data.from_items(groups, override_num_blocks=blocks)
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        # Fractional CPU requests keep the prepare tasks, the encoder pool and the writer from reserving
-        # every core and starving each other on small clusters; the OS shares the cores among them.
-        # `attempt` (unique per run) keys the per-worker processors: a new run builds fresh ones
-        ds = ds.map_batches(prepare_groups, fn_args=(attempt, cfg, tokenizer, processor, image_tokens, max_length),
-                            batch_size=cfg.prepare_batch, batch_format="pyarrow", num_cpus=0.75)
-        if cfg.encode == "features":
+        groups_per_part = max(1, round(cfg.shard_records / (sum(len(g["idx"]) for g in groups) / len(groups))))
+        parts = math.ceil(len(groups) / groups_per_part)
+        # `attempt` (unique per run) keys the workers' cached processors
+        prep_args = (attempt, cfg, {"ref": ray.put((tokenizer, processor, image_tokens, max_length))})
+        if cfg.encode == "pixels":
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            # a block is one task's work (batch_size=None)
+            ds = ray.data.from_items(groups, override_num_blocks=pixel_tasks(groups, groups_per_part, cpus))
+            ds = ds.map_batches(prepare_and_write, fn_args=(*prep_args, groups_per_part), batch_size=None,
+                                batch_format="pyarrow", num_cpus=1)
+        else:
+            # one block per part: parts stream through the encoder pool
+            ds = ray.data.from_items(groups, override_num_blocks=parts)
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            # Fractional CPU requests keep the prepare tasks, the encoder pool and the writer from reserving
+            # every core and starving each other on small clusters; the OS shares the cores among them.
+            ds = ds.map_batches(prepare_groups, fn_args=prep_args, batch_size=None, batch_format="pyarrow",
+                                num_cpus=0.5)
             ds = ds.map_batches(EncodeGroups, fn_constructor_args=(cfg.model,), batch_size=cfg.encode_batch,
                                 batch_format="pyarrow", concurrency=tuple(cfg.encoder_actors), num_gpus=gpus,
                                 num_cpus=0.1 if gpus else 0.5)
-        # writing is I/O: light tasks that never wait for a free core
-        ds = ds.map_batches(write_parts, fn_kwargs={"out": cfg.out, "endpoint": cfg.s3_endpoint, "attempt": attempt},
-                            batch_size=groups_per_part, batch_format="pyarrow", num_cpus=0.1)
+            # writing is I/O: light tasks that never wait for a free core
+            ds = ds.map_batches(write_parts, fn_kwargs={"out": cfg.out, "endpoint": cfg.s3_endpoint, "attempt": attempt},
+                                batch_size=groups_per_part, batch_format="pyarrow", num_cpus=0.1)
         written = ds.take_all()
         print(f"[preprocess] wrote {len(written)} parts", file=sys.stderr)
 
