@@ -318,6 +318,10 @@ class OLMoBitNetForCausalLM(OLMoBitNetPreTrainedModel, GenerationMixin):
     def head_weight(self) -> torch.Tensor:
         return self.model.transformer.wte.weight[: self.config.vocab_size]  # (V, d)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, V) through the tied head (the packed model swaps in other heads here)."""
+        return F.linear(h, self.head_weight())
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -344,7 +348,7 @@ class OLMoBitNetForCausalLM(OLMoBitNetPreTrainedModel, GenerationMixin):
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             h = h[:, logits_to_keep]
-        logits = F.linear(h, self.head_weight())  # (B, T, V)
+        logits = self.logits(h)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

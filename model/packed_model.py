@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model.bitlinear import BitLinear158
 from model.kernels import BACKENDS, head_matmul, resolve_backend
@@ -102,38 +101,6 @@ class PackedOLMoBitNetForCausalLM(OLMoBitNetForCausalLM):
             y = head_matmul(h.reshape(-1, h.shape[-1]).float(), w, None, "cpu")
             return y.to(h.dtype).reshape(*lead, -1)
         return F.linear(h, w)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        h = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            h = h[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            h = h[:, logits_to_keep]
-        logits = self.logits(h)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
 
 def packed_lm(model: BitLlavaForConditionalGeneration | PackedOLMoBitNetForCausalLM) -> PackedOLMoBitNetForCausalLM:

@@ -35,12 +35,39 @@ def tiny_mm():
     return model.eval(), tokenizer, processor
 
 
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory) -> str:
+    """A packed (2-bit) folder of the tiny preset with seed-0 weights, as `bitllava pack` writes it."""
+    from model.packed_checkpoint import save_packed
+
+    folder = tmp_path_factory.mktemp("packed") / "tiny"
+    save_packed(str(folder), *build_from_preset("tiny", seed=0))
+    return str(folder)
+
+
 def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_until_ready(proc, ready, seconds: float, what: str, log_path) -> None:
+    """Poll `ready()` until it returns True; kill `proc` and fail with its log's tail if it exits or times out."""
+    import time
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if ready():
+                return
+        except Exception:  # not up yet: connection refused, 5xx, ...
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{what} did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +81,6 @@ def s3_server(tmp_path_factory):
     import shutil
     import subprocess
     import sys
-    import time
 
     import boto3
 
@@ -78,16 +104,8 @@ def s3_server(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    deadline = time.time() + 60
-    while True:
-        try:
-            client.create_bucket(Bucket="bitllava-test")
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"seaweedfs did not start: {(root / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    _wait_until_ready(proc, lambda: client.create_bucket(Bucket="bitllava-test") is not None, 60, "seaweedfs",
+                      root / "weed.log")
     yield endpoint
     proc.terminate()
     proc.wait(timeout=30)
@@ -104,7 +122,6 @@ def mlflow_server(tmp_path_factory):
     import os
     import subprocess
     import sys
-    import time
     import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -117,18 +134,12 @@ def mlflow_server(tmp_path_factory):
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+
+    _wait_until_ready(proc, healthy, 120, "mlflow server", root / "server.log")
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -42,13 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def packed_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("packed") / "tiny"
-    save_packed(str(folder), *build_from_preset("tiny", seed=0))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def loaded(packed_dir):
     return load_packed(packed_dir, dtype=torch.float32)
 

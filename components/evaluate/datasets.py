@@ -78,6 +78,24 @@ class EvalSet:
         return EvalSet(self.task, tuple(kept), self.sources)
 
 
+def json_object_lines(path: str, problems: list[str], where=lambda lineno: f"line {lineno}"):
+    """(line number, object) for every JSON-object line of a JSON-lines file; a blank line is skipped,
+    any other line is added to `problems` (named by `where(lineno)`)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{where(lineno)}: not valid JSON ({err.msg})")
+                continue
+            if not isinstance(record, dict):
+                problems.append(f"{where(lineno)}: expected a JSON object, got {type(record).__name__}")
+                continue
+            yield lineno, record
+
+
 def preview(items, n: int = 5) -> str:
     """The first `n` items, comma-separated, and how many there are in all (for error messages)."""
     items = list(items)
@@ -150,36 +168,25 @@ def load_pope(paths: list[str]) -> EvalSet:
         splits[split] = path
         if not os.path.isfile(path):
             raise ValueError(f"POPE file {path} does not exist")
-        problems = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    problems.append(f"{where}: not valid JSON ({err.msg})")
-                    continue
-                if not isinstance(record, dict):
-                    problems.append(f"{where}: expected a JSON object")
-                    continue
-                missing = [k for k in ("question_id", "image", "text", "label") if k not in record]
-                if missing:
-                    problems.append(f"{where}: missing {', '.join(missing)}")
-                    continue
-                if record["label"] not in POPE_LABELS:
-                    problems.append(f"{where}: label must be 'yes' or 'no', got {record['label']!r:.40}")
-                    continue
-                if not isinstance(record["text"], str) or not isinstance(record["image"], str):
-                    problems.append(f"{where}: text and image must be strings")
-                    continue
-                try:
-                    qid = _question_id(record["question_id"], where)
-                except ValueError as err:
-                    problems.append(str(err))
-                    continue
-                questions.append(EvalQuestion(qid, record["text"], record["image"], split, label=record["label"]))
+        problems: list[str] = []
+        for lineno, record in json_object_lines(path, problems, where=lambda n: f"{path}:{n}"):
+            where = f"{path}:{lineno}"
+            missing = [k for k in ("question_id", "image", "text", "label") if k not in record]
+            if missing:
+                problems.append(f"{where}: missing {', '.join(missing)}")
+                continue
+            if record["label"] not in POPE_LABELS:
+                problems.append(f"{where}: label must be 'yes' or 'no', got {record['label']!r:.40}")
+                continue
+            if not isinstance(record["text"], str) or not isinstance(record["image"], str):
+                problems.append(f"{where}: text and image must be strings")
+                continue
+            try:
+                qid = _question_id(record["question_id"], where)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            questions.append(EvalQuestion(qid, record["text"], record["image"], split, label=record["label"]))
         if problems:
             raise ValueError(f"{len(problems)} bad line(s) in {path}: " + "; ".join(problems[:5]))
     _check_unique(questions, "the POPE files")

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from components.evaluate.datasets import EvalQuestion, EvalSet, preview
+from components.evaluate.datasets import EvalQuestion, EvalSet, json_object_lines, preview
 
 
 @dataclass(frozen=True)
@@ -59,30 +59,19 @@ def read_pope_predictions(path: str) -> list[Prediction]:
     if not os.path.isfile(path):
         raise ValueError(f"predictions file {path} does not exist")
     predictions, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"line {lineno}: not valid JSON ({err.msg})")
-                continue
-            if not isinstance(record, dict):
-                problems.append(f"line {lineno}: expected a JSON object, got {type(record).__name__}")
-                continue
-            if "question_id" not in record or not _valid_id(record["question_id"]):
-                problems.append(f"line {lineno}: missing or invalid question_id")
-                continue
-            if not isinstance(record.get("text"), str):
-                problems.append(f"line {lineno}: 'text' must be a string (the model's answer)")
-                continue
-            category = record.get("category")
-            if category is not None and not isinstance(category, str):
-                problems.append(f"line {lineno}: 'category' must be a string (the POPE split)")
-                continue
-            predictions.append(Prediction(record["question_id"], record["text"], category, where))
+    for lineno, record in json_object_lines(path, problems):
+        where = f"{path}:{lineno}"
+        if "question_id" not in record or not _valid_id(record["question_id"]):
+            problems.append(f"line {lineno}: missing or invalid question_id")
+            continue
+        if not isinstance(record.get("text"), str):
+            problems.append(f"line {lineno}: 'text' must be a string (the model's answer)")
+            continue
+        category = record.get("category")
+        if category is not None and not isinstance(category, str):
+            problems.append(f"line {lineno}: 'category' must be a string (the POPE split)")
+            continue
+        predictions.append(Prediction(record["question_id"], record["text"], category, where))
     if problems:
         raise ValueError(
             f"malformed POPE predictions {path} ({len(problems)} bad line(s)); "
