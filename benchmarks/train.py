@@ -25,7 +25,6 @@ def one_variant(args) -> dict:
     import torch
     from torch import nn
 
-    from model.bitlinear import BitLinear158
     from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 
     torch.manual_seed(0)

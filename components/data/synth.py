@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
 
-from components.synthetic_images import COLOURS, NUMBER_WORDS, POSITIONS, SHAPES, Scene, draw_scene, random_scene
+from components.synthetic_images import COLOURS, NUMBER_WORDS, SHAPES, Scene, draw_scene, random_scene
 
 CAPTION_PROMPTS = (
     "Provide a brief description of the given image.",
@@ -176,17 +176,24 @@ def write_cc595k(cfg: SynthConfig, rng: random.Random) -> dict:
         human = f"{prompt}\n<image>" if rng.random() < 0.5 else f"<image>\n{prompt}"
         records.append({"id": rid, "image": name,
                         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": scene.caption()}]})
-    bad = {}
-    for kind, reason in CORRUPT_KINDS.items():
-        for record in _bad_records(kind, cfg.corrupt, "GCC", writer, rng, multi_ok=False):
-            records.insert(rng.randrange(len(records) + 1), record)
-            bad[record["id"]] = reason
+    bad = _insert_bad_records(records, cfg.corrupt, "GCC", writer, rng, multi_ok=False)
     writer.close()
     with open(os.path.join(folder, "chat.json"), "w") as f:
         json.dump(records, f)
     return {"json": os.path.join(folder, "chat.json"),
             "images": os.path.join(folder, "images.zip" if cfg.cc_images == "zip" else "images"),
             "records": len(records), "bad": bad}
+
+
+def _insert_bad_records(records: list, count: int, prefix: str, writer, rng: random.Random,
+                        multi_ok: bool) -> dict[str, str]:
+    """`count` bad records of every kind, inserted at random places; returns {record id: expected reason}."""
+    bad = {}
+    for kind, reason in CORRUPT_KINDS.items():
+        for record in _bad_records(kind, count, prefix, writer, rng, multi_ok=multi_ok):
+            records.insert(rng.randrange(len(records) + 1), record)
+            bad[record["id"]] = reason
+    return bad
 
 
 def write_instruct(cfg: SynthConfig, rng: random.Random) -> dict:
@@ -224,11 +231,7 @@ def write_instruct(cfg: SynthConfig, rng: random.Random) -> dict:
         records.append({"id": f"pair_{i}", "image": [first, second], "conversations": [
             {"from": "human", "value": "<image>\n<image>\nWhat colors are the shapes in the two images?"},
             {"from": "gpt", "value": answer}]})
-    bad = {}
-    for kind, reason in CORRUPT_KINDS.items():
-        for record in _bad_records(kind, cfg.corrupt, "instruct", writer, rng, multi_ok=True):
-            records.insert(rng.randrange(len(records) + 1), record)
-            bad[record["id"]] = reason
+    bad = _insert_bad_records(records, cfg.corrupt, "instruct", writer, rng, multi_ok=True)
     writer.close()
     path = os.path.join(folder, "llava_instruct_150k.json")
     with open(path, "w") as f:
