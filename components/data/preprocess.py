@@ -1,13 +1,14 @@
 """`bitllava data preprocess`: LLaVA JSON + images -> sharded sample store, with Ray Data.
 
     JSON array (local or s3://) ── driver: parse, group records sharing images, skip committed records
-      │ from_items(groups, one block per part)     (a JSON array would reach Ray as one block)
-      ▼ pixels:   map_batches(prepare_and_write)   one task per part: decode + validate each distinct
-      │                        image once, pad-to-square, CLIP processor, template + tokenize + labels,
-      │                        then the part is written (processed pixels never cross the object store)
+      │ from_items(groups, blocks)           (a JSON array would reach Ray as one block)
+      ▼ pixels:   map_batches(prepare_and_write)   one task per block of a few whole parts (pixel_tasks):
+      │                        decode + validate each distinct image once, pad-to-square, CLIP processor,
+      │                        template + tokenize + labels, then each part is written (processed pixels
+      │                        never cross the object store)
       ▼ features: map_batches(prepare_groups) -> map_batches(EncodeGroups) -> map_batches(write_parts)
-      │                        the frozen CLIP tower runs in an autoscaling actor pool (GPU actors when
-      │                        the cluster has GPUs) between preparing and writing: fp16 patch features
+      │                        one block per part; the frozen CLIP tower runs in an autoscaling actor pool
+      │                        (GPU actors when the cluster has GPUs) between preparing and writing
     manifest.json              counts by reason, identities, content hash (written last)
 
 Grouping records that share images (connected components of the record-image graph) makes every
@@ -432,7 +433,6 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=True)
         groups_per_part = max(1, round(cfg.shard_records / (sum(len(g["idx"]) for g in groups) / len(groups))))
-        parts = math.ceil(len(groups) / groups_per_part)
         # `attempt` (unique per run) keys the workers' cached processors
         prep_args = (attempt, cfg, {"ref": ray.put((tokenizer, processor, image_tokens, max_length))})
         if cfg.encode == "pixels":
@@ -443,7 +443,7 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
                                 batch_format="pyarrow", num_cpus=1)
         else:
             # one block per part: parts stream through the encoder pool
-            ds = ray.data.from_items(groups, override_num_blocks=parts)
+            ds = ray.data.from_items(groups, override_num_blocks=math.ceil(len(groups) / groups_per_part))
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
             # Fractional CPU requests keep the prepare tasks, the encoder pool and the writer from reserving
             # every core and starving each other on small clusters; the OS shares the cores among them.
