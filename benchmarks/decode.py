@@ -81,12 +81,12 @@ def rss_bytes() -> int:
 def decode_once(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
     from transformers import DynamicCache
 
-    out = model(prompt, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    out = model(prompt, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)  # (1, 1)
     tokens = [int(token)]
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        out = model(token, cache=out.cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         tokens.append(int(token))
     return time.perf_counter() - start, tokens

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from components import paths
 from model.checkpoint import load_model
 from model.packed_checkpoint import bf16_nbytes, folder_bytes, random_packed_model, read_packing, save_packed
 from model.packing import check_format
@@ -47,6 +48,7 @@ class PackConfig:
 
     def __post_init__(self) -> None:
         check_format(self.format)
+        self.out, self.checkpoint = paths.local_path(self.out), paths.model_ref(self.checkpoint)
         if (self.checkpoint is None) == (self.preset is None):
             raise ValueError("give exactly one of a checkpoint to pack or --preset NAME (random weights)")
         if self.preset is not None:

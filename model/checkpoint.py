@@ -49,10 +49,61 @@ def resolve_model_dir(path_or_hub_id: str) -> str:
         raise ValueError(f"{path_or_hub_id!r} is not a model folder (and not an 'owner/name' hub id)")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
-        path_or_hub_id,
-        allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt"],
-    )
+    try:
+        return snapshot_download(
+            path_or_hub_id,
+            allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt"],
+        )
+    except _hub_errors() as err:
+        raise ValueError(
+            f"could not download {path_or_hub_id!r} from the Hugging Face hub ({_hub_failure(err)}); "
+            "offline, give a local model folder"
+        ) from err
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What `snapshot_download` raises when the hub (or the network to it) fails.
+
+    huggingface_hub's own errors are OSError or ValueError subclasses (LocalEntryNotFoundError,
+    HfHubHTTPError and its RepositoryNotFoundError / GatedRepoError / RevisionNotFoundError,
+    OfflineModeIsEnabled, HFValidationError); the HTTP client's transport errors (httpx2 for
+    huggingface_hub >= 1.0, httpx or requests before) are not all OSErrors, so they are added by name.
+    """
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _hub_failure(err: BaseException) -> str:
+    """A short, one-line reason for a failed hub download (huggingface_hub's messages run to paragraphs)."""
+    from huggingface_hub import constants, errors
+
+    chain = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    offline = getattr(errors, "OfflineModeIsEnabled", ())
+    if constants.is_offline_mode() or any(isinstance(e, offline) for e in chain):
+        return "HF_HUB_OFFLINE is set and the model is not in the local cache"
+    if isinstance(err, getattr(errors, "GatedRepoError", ())):
+        return "the repository is gated: accept its terms on the hub and log in"
+    if isinstance(err, getattr(errors, "RepositoryNotFoundError", ())):
+        return "no such repository, or it is private and no valid token was given"
+    if isinstance(err, getattr(errors, "RevisionNotFoundError", ())):
+        return "no such revision"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, getattr(errors, "HfHubHTTPError", ())) and status is not None:
+        return f"HTTP {status}"
+    # the deepest error is the root cause (a connection refused, a timeout, a full disk, ...)
+    root = chain[-1]
+    lines = str(root).strip().splitlines()
+    text = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def read_state_dict(folder: str) -> dict[str, torch.Tensor]:

@@ -72,7 +72,7 @@ class BitLlavaPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     supports_gradient_checkpointing = True
     _no_split_modules = ["OLMoBitNetBlock", "CLIPEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -130,7 +130,7 @@ class BitLlavaForConditionalGeneration(BitLlavaPreTrainedModel, GenerationMixin)
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -160,7 +160,7 @@ class BitLlavaForConditionalGeneration(BitLlavaPreTrainedModel, GenerationMixin)
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,

@@ -51,7 +51,7 @@ class OLMoBitNetConfig(PreTrainedConfig):
     """
 
     model_type = "olmo_bitnet"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
     attribute_map = {
         "hidden_size": "d_model",
         "num_hidden_layers": "n_layers",
@@ -187,7 +187,7 @@ class OLMoBitNetBlock(GradientCheckpointingLayer):
         self.attn_norm = RMSNorm(d, eps)
         self.ff_norm = RMSNorm(d, eps)
 
-    def attention(self, h, position_embeddings, attention_mask, past_key_values, **kwargs):
+    def attention(self, h, position_embeddings, attention_mask, cache, **kwargs):
         B, T, _ = h.shape
         q, k, v = self.att_proj(h).split(self.config.d_model, dim=-1)  # 3 x (B, T, d)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -195,8 +195,8 @@ class OLMoBitNetBlock(GradientCheckpointingLayer):
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, H, T_past + T, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, H, T_past + T, hd)
         attend: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -207,9 +207,9 @@ class OLMoBitNetBlock(GradientCheckpointingLayer):
         x, gate = self.ff_proj(h).chunk(2, dim=-1)  # 2 x (B, T, hidden/2); the gate is the second half
         return self.ff_out(F.silu(gate) * x)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
         x = hidden_states
-        x = x + self.attention(self.attn_norm(x), position_embeddings, attention_mask, past_key_values, **kwargs)
+        x = x + self.attention(self.attn_norm(x), position_embeddings, attention_mask, cache, **kwargs)
         return x + self.mlp(self.ff_norm(x))
 
 
@@ -219,7 +219,7 @@ class OLMoBitNetPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["OLMoBitNetBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -262,7 +262,7 @@ class OLMoBitNetModel(OLMoBitNetPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -274,17 +274,17 @@ class OLMoBitNetModel(OLMoBitNetPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
 
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
@@ -294,11 +294,11 @@ class OLMoBitNetModel(OLMoBitNetPreTrainedModel):
                 h,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values if use_cache else None,
+                cache=cache if use_cache else None,
                 **kwargs,
             )
         h = self.transformer.ln_f(h)
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=cache if use_cache else None)
 
 
 class OLMoBitNetForCausalLM(OLMoBitNetPreTrainedModel, GenerationMixin):
@@ -327,7 +327,7 @@ class OLMoBitNetForCausalLM(OLMoBitNetPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -338,7 +338,7 @@ class OLMoBitNetForCausalLM(OLMoBitNetPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -352,4 +352,4 @@ class OLMoBitNetForCausalLM(OLMoBitNetPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)

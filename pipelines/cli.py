@@ -25,8 +25,9 @@ def _cmd_model_info(args) -> int:
 def _cmd_generate(args) -> int:
     from PIL import Image
 
+    from components import paths
     from model.chat import generate_reply
-    from model.checkpoint import load_model
+    from model.loading import load_any_model
 
     images = []
     for path in args.image:
@@ -35,7 +36,7 @@ def _cmd_generate(args) -> int:
                 images.append(img.convert("RGB"))
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {path}: {err}") from err
-    loaded = load_model(args.model)
+    loaded = load_any_model(paths.model_ref(args.model))
     reply = generate_reply(
         loaded,
         args.prompt,
@@ -62,7 +63,8 @@ def _cmd_demo(args) -> int:
         return 0 if summary["learned"] else 1
     from pipelines.demo import DEMO_CONFIG, run_pipeline_demo
 
-    print(json.dumps(run_pipeline_demo(args.config or DEMO_CONFIG, out=args.out, address=args.address)))
+    summary = run_pipeline_demo(args.config or DEMO_CONFIG, out=args.out, address=args.address)
+    print(json.dumps(summary))
     return 0
 
 
@@ -127,17 +129,31 @@ def _add_eval_parsers(sub) -> None:
 def _cmd_pack(args) -> int:
     from components.pack import PackConfig, run_pack
 
-    config = PackConfig(out=args.out, checkpoint=args.checkpoint, preset=args.preset, format=args.format,
+    if args.out is None and args.out_flag is None:  # `pack OUT --preset NAME`: the one positional is OUT
+        args.checkpoint, args.out = None, args.checkpoint
+    checkpoint = _one_of(args.model, args.checkpoint, "the model to pack (--model)")
+    out = _one_of(args.out_flag, args.out, "the packed folder to write (--out)")
+    if out is None:
+        raise ValueError("give the packed folder to write: --out FOLDER")
+    config = PackConfig(out=out, checkpoint=checkpoint, preset=args.preset, format=args.format,
                         seed=args.seed, llm_only=args.llm_only, overwrite=args.overwrite)
     print(json.dumps(run_pack(config)))
     return 0
 
 
+def _one_of(flag, positional, what: str):
+    if flag is not None and positional is not None and flag != positional:
+        raise ValueError(f"{what} given twice: {flag!r} and {positional!r}")
+    return flag if flag is not None else positional
+
+
 def _add_pack_parser(sub) -> None:
     pack = sub.add_parser("pack", help="pack BitLinear weights to 2-bit / 1.6-bit ternary codes (safetensors folder)")
-    pack.add_argument("checkpoint", nargs="?", default=None,
+    pack.add_argument("--model", default=None,
                       help="model folder or hub id (this project's layout or published OLMo-Bitnet-1B)")
-    pack.add_argument("out", help="packed model folder to write")
+    pack.add_argument("--out", dest="out_flag", default=None, help="packed model folder to write")
+    pack.add_argument("checkpoint", nargs="?", default=None, help=argparse.SUPPRESS)  # older form: pack CKPT OUT
+    pack.add_argument("out", nargs="?", default=None, help=argparse.SUPPRESS)
     pack.add_argument("--format", choices=["2bit", "1.6bit"], default="2bit",
                       help="2bit: 4 codes per byte; 1.6bit: 5 codes per byte (base 3)")
     pack.add_argument("--preset", default=None, help="pack a preset (tiny, 1b) with random weights instead")
@@ -150,18 +166,22 @@ def _add_pack_parser(sub) -> None:
 def _cmd_model_init(args) -> int:
     from model.assemble import init_model
     from model.checkpoint import save_model
+    from components import paths
     from model.presets import count_parameters
 
-    model, tokenizer, processor = init_model(args.preset, seed=args.seed, vision=args.vision, llm=args.llm)
-    save_model(args.out, model, tokenizer, processor)
-    print(json.dumps({"model_dir": args.out, "preset": args.preset, **count_parameters(model)}))
+    out = paths.local_path(args.out)
+    model, tokenizer, processor = init_model(args.preset, seed=args.seed, vision=paths.model_ref(args.vision),
+                                             llm=paths.model_ref(args.llm))
+    save_model(out, model, tokenizer, processor)
+    print(json.dumps({"model_dir": out, "preset": args.preset, **count_parameters(model)}))
     return 0
 
 
 def _cmd_data_synth(args) -> int:
+    from components import paths
     from components.data.synth import SynthConfig, synthesize
 
-    summary = synthesize(SynthConfig(out=args.out, records=args.records, eval=args.eval, corrupt=args.corrupt,
+    summary = synthesize(SynthConfig(out=paths.local_path(args.out), records=args.records, eval=args.eval, corrupt=args.corrupt,
                                      seed=args.seed, cc_images=args.cc_images,
                                      instruct_images=args.instruct_images))
     print(json.dumps({"out": args.out, "cc595k_records": summary["cc595k"]["records"],
@@ -180,7 +200,7 @@ def _cmd_data_preprocess(args) -> int:
         s3_endpoint=args.s3_endpoint,
     )
     manifest = preprocess(config, address=args.address)
-    print(json.dumps({"out": args.out, **manifest["counts"], "parts": len(manifest["parts"]),
+    print(json.dumps({"out": config.out, **manifest["counts"], "parts": len(manifest["parts"]),
                       "content_hash": manifest["content_hash"]}))
     return 0
 
@@ -231,9 +251,11 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_runs_compare(args) -> int:
+    from components import paths
     from components.compare import compare_runs
 
-    report = compare_runs(args.run_ids, experiment=args.experiment, tracking_uri=args.tracking_uri, png=args.png)
+    report = compare_runs(args.run_ids, experiment=args.experiment, tracking_uri=paths.tracking_uri(args.tracking_uri),
+                          png=args.png)
     print(report["table"])
     print(f"loss curves: {report['png']}")
     return 0
@@ -345,13 +367,18 @@ def _add_run_parsers(sub) -> None:
 def _cmd_serve(args) -> int:
     from serve.app import run_serve
 
-    run_serve(args.model, config_path=args.config, address=args.address, host=args.host, port=args.port)
+    model = _one_of(args.model, args.model_positional, "the packed model (--model)")
+    if model is None:
+        raise ValueError("give the packed model folder to serve: --model FOLDER")
+    run_serve(model, config_path=args.config, address=args.address, host=args.host, port=args.port)
     return 0
 
 
 def _add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible Ray Serve endpoint for a packed model (Ctrl-C stops it)")
-    serve.add_argument("model", help="packed model folder (bitllava pack) or s3:// URI; replaces args.model")
+    serve.add_argument("--model", default=None,
+                       help="packed model folder (bitllava pack) or s3:// URI; replaces the config's args.model")
+    serve.add_argument("model_positional", nargs="?", default=None, help=argparse.SUPPRESS)  # older: serve FOLDER
     serve.add_argument("--config", default=None,
                        help="Serve config file (default: the packaged serve/serve.yaml): args, replicas, "
                             "autoscaling_config, max_ongoing_requests, resources")
@@ -379,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=_cmd_model_init)
 
     gen = sub.add_parser("generate", help="one-shot generation from a model folder or hub id")
-    gen.add_argument("--model", required=True, help="model folder (bitllava or OLMo-Bitnet layout) or hub id")
+    gen.add_argument("--model", required=True,
+                     help="model folder (bitllava checkpoint, packed folder or OLMo-Bitnet layout) or hub id")
     gen.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     gen.add_argument("--prompt", required=True, help="user text; <image> marks where images go")
     gen.add_argument("--max-new-tokens", type=int, default=64)

@@ -1,7 +1,11 @@
 """The whole pipeline in one YAML: data, preprocessing, both training phases, evaluation, packing, serving.
 
 `load_pipeline_config(path)` reads and validates it; every shipped file in pipelines/configs/ is
-loaded by a test. Paths inside the YAML are relative to the repository root (or absolute / s3://).
+loaded by a test. Every section is a dataclass whose defaults live here once. Local paths in the YAML
+(and in overrides such as `--out`) are relative to the working directory of the command that reads
+it, as in the user's shell, and are made absolute here, before anything reaches a Ray task, actor or
+Train worker; `s3://` URIs and hub ids pass through. Only `align.config` / `instruct.config` are
+relative to pipelines/configs/ (they name shipped training YAMLs).
 """
 
 from __future__ import annotations
@@ -10,10 +14,14 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from components import paths
 from components.yaml_fields import load_fields
+from serve.settings import from_mapping  # stdlib only: the one mapping -> dataclass check
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = paths.PROJECT_ROOT
 EVAL_TASKS = ("pope", "vqav2", "textvqa")
+ENCODINGS = ("pixels", "features")
+PACK_FORMATS = ("2bit", "1.6bit")
 
 
 @dataclass
@@ -31,6 +39,88 @@ class DataSources:
     instruct: dict | None = None
     eval: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.synth is None and not (self.cc595k and self.instruct):
+            raise ValueError("data needs either `synth` settings or both `cc595k` and `instruct` sources")
+        for name in ("cc595k", "instruct"):
+            src = getattr(self, name)
+            if src is not None:
+                if set(src) != {"json", "images"}:
+                    raise ValueError(f"data.{name} needs exactly `json` and `images`, got {sorted(src)}")
+                setattr(self, name, {k: paths.local_path(v) for k, v in src.items()})
+        self.eval = {task: {k: paths.local_paths(v) if isinstance(v, list) else paths.local_path(v)
+                            for k, v in files.items()} for task, files in self.eval.items()}
+
+
+@dataclass
+class PreprocessSettings:
+    """encode_align / encode_instruct: pixels, or features (cached frozen-tower features; the phase then skips
+    the tower). shard_records: records per Parquet part. max_length: token limit (None: the preset's)."""
+
+    encode_align: str = "pixels"
+    encode_instruct: str = "pixels"
+    shard_records: int = 256
+    max_length: int | None = None
+
+    def __post_init__(self):
+        for key in ("encode_align", "encode_instruct"):
+            if getattr(self, key) not in ENCODINGS:
+                raise ValueError(f"preprocess.{key} must be one of {ENCODINGS}")
+
+    def encode(self, phase: str) -> str:
+        return getattr(self, f"encode_{phase}")
+
+
+@dataclass
+class EvalSettings:
+    """tasks: of EVAL_TASKS. limit: first N questions per split. num_actors: model replicas. batch_size: per call."""
+
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    num_actors: int = 1
+    batch_size: int = 8
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in EVAL_TASKS]
+        if bad:
+            raise ValueError(f"unknown eval tasks {bad}; choose from {EVAL_TASKS}")
+
+
+@dataclass
+class PackSettings:
+    """format: 2bit (4 codes per byte) or 1.6bit (5 per byte)."""
+
+    format: str = "2bit"
+
+    def __post_init__(self):
+        if self.format not in PACK_FORMATS:
+            raise ValueError(f"pack.format must be one of {PACK_FORMATS}")
+
+
+@dataclass
+class ServeSettings:
+    """config: Serve config file (default serve/serve.yaml). port: HTTP port. prompt: the demo request's text.
+    keep_running: leave the endpoint up after the demo request."""
+
+    config: str | None = None
+    port: int = 8000
+    prompt: str = "Describe the image."
+    keep_running: bool = False
+
+    def __post_init__(self):
+        self.config = paths.local_path(self.config)
+
+
+@dataclass
+class MlflowSettings:
+    """tracking_uri: MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite in `out`). experiment."""
+
+    tracking_uri: str | None = None
+    experiment: str = "bitllava"
+
+    def __post_init__(self):
+        self.tracking_uri = paths.tracking_uri(self.tracking_uri)
+
 
 @dataclass
 class PipelineConfig:
@@ -42,12 +132,9 @@ class PipelineConfig:
     seed: seed of the random initial weights and data order.
     vision / llm: pretrained CLIP tower / OLMo-Bitnet LM (folder or hub id); null keeps random weights.
     data: see DataSources.
-    preprocess: {encode_align: pixels|features, encode_instruct: pixels|features, shard_records, max_length}.
+    preprocess: see PreprocessSettings.
     align / instruct: TrainConfig fields; `config:` names a YAML of them (relative to pipelines/configs/).
-    eval: {tasks: [...], limit, num_actors, batch_size}.
-    pack: {format: 2bit|1.6bit}.
-    serve: {config: serve YAML, port, prompt, keep_running}.
-    mlflow: {tracking_uri, experiment}.
+    eval / pack / serve / mlflow: see EvalSettings, PackSettings, ServeSettings, MlflowSettings.
     """
 
     name: str
@@ -56,57 +143,44 @@ class PipelineConfig:
     seed: int = 0
     vision: str | None = None
     llm: str | None = None
-    data: DataSources = field(default_factory=DataSources)
-    preprocess: dict = field(default_factory=dict)
+    data: DataSources = field(default_factory=dict)  # a mapping until __post_init__ (which requires sources)
+    preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     align: dict = field(default_factory=dict)
     instruct: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
-    pack: dict = field(default_factory=lambda: {"format": "2bit"})
-    serve: dict = field(default_factory=dict)
-    mlflow: dict = field(default_factory=dict)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    pack: PackSettings = field(default_factory=PackSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
 
     def __post_init__(self):
         from model.presets import get_preset
 
         get_preset(self.preset)
-        if isinstance(self.data, dict):
-            unknown = set(self.data) - {f.name for f in dataclasses.fields(DataSources)}
-            if unknown:
-                raise ValueError(f"unknown data settings {sorted(unknown)}")
-            self.data = DataSources(**self.data)
-        if self.data.synth is None and not (self.data.cc595k and self.data.instruct):
-            raise ValueError("data needs either `synth` settings or both `cc595k` and `instruct` sources")
-        for name in ("cc595k", "instruct"):
-            src = getattr(self.data, name)
-            if src is not None and set(src) != {"json", "images"}:
-                raise ValueError(f"data.{name} needs exactly `json` and `images`, got {sorted(src)}")
-        for key in ("encode_align", "encode_instruct"):
-            if self.preprocess.get(key, "pixels") not in ("pixels", "features"):
-                raise ValueError(f"preprocess.{key} must be pixels or features")
-        tasks = self.eval.get("tasks", [])
-        bad = [t for t in tasks if t not in EVAL_TASKS]
-        if bad:
-            raise ValueError(f"unknown eval tasks {bad}; choose from {EVAL_TASKS}")
-        if self.pack.get("format", "2bit") not in ("2bit", "1.6bit"):
-            raise ValueError("pack.format must be 2bit or 1.6bit")
+        self.out = paths.local_path(self.out)
+        self.vision, self.llm = paths.model_ref(self.vision), paths.model_ref(self.llm)
+        self.data = from_mapping(DataSources, self.data, "data")
+        self.preprocess = from_mapping(PreprocessSettings, self.preprocess, "preprocess")
+        self.eval = from_mapping(EvalSettings, self.eval, "eval")
+        self.pack = from_mapping(PackSettings, self.pack, "pack")
+        self.serve = from_mapping(ServeSettings, self.serve, "serve")
+        self.mlflow = from_mapping(MlflowSettings, self.mlflow, "mlflow")
         # the phase settings must form valid TrainConfigs
         for phase in ("align", "instruct"):
             self.train_config(phase, data="<store>", out="<out>", init="<init>")
 
-    def train_config(self, phase: str, **paths):
+    def train_config(self, phase: str, **locations):
         from components.train.config import load_train_config
 
         settings = dict(getattr(self, phase))
         path = settings.pop("config", None)
         if path and not os.path.isabs(path):
             path = os.path.join(ROOT, "pipelines", "configs", path)
-        return load_train_config(path, phase=phase, seed=self.seed, **settings, **paths)
+        return load_train_config(path, phase=phase, seed=self.seed, **settings, **locations)
 
 
 def load_pipeline_config(path: str, **overrides) -> PipelineConfig:
     """Read `path` (relative to the working directory, else to the repository root) and apply `overrides`."""
-    if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(os.path.join(ROOT, path)):
-        path = os.path.join(ROOT, path)  # a job or kfp task may run from another directory
+    path = paths.config_file(path)
     if not os.path.isfile(path):
         raise ValueError(f"pipeline config {path} does not exist")
     return PipelineConfig(**load_fields(path, PipelineConfig, overrides, "settings"))

@@ -15,6 +15,7 @@ import collections
 import json
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -59,22 +60,32 @@ def run_pipeline_demo(config: str = DEMO_CONFIG, out: str | None = None, address
              for task, m in summary["eval"].items()}
     if "vqav2" in evals and cfg.data.synth:
         annotations = os.path.join(cfg.out, "synth", "eval", "vqav2", "v2_mscoco_val2014_annotations.json")
-        evals["vqav2"]["blind_baseline"] = round(blind_vqa_accuracy(annotations, cfg.eval.get("limit")), 2)
+        evals["vqav2"]["blind_baseline"] = round(blind_vqa_accuracy(annotations, cfg.eval.limit), 2)
     served = summary["served"]
+    packed = summary["packed_dir"]
+    commands = {  # what to try next, each runnable as printed from any folder (absolute paths)
+        "mlflow_ui": f"mlflow ui --backend-store-uri {shlex.quote(summary['tracking_uri'])}",
+        "generate": f"bitllava generate --model {shlex.quote(packed)}"
+                    + (f" --image {shlex.quote(served['image'])}" if served["image"] else "")
+                    + f" --prompt {shlex.quote(served['prompt'])} --greedy",
+        "serve": f"bitllava serve --model {shlex.quote(packed)}",
+    }
     report = {
         "pipeline": cfg.name,
         "eval": evals,
         "served": {"prompt": served["prompt"], "image": served["image"], "answer": served["answer"]},
-        "mlflow_ui": f"mlflow ui --backend-store-uri {summary['tracking_uri']}",
+        "mlflow_ui": commands["mlflow_ui"],
         "mlflow_parent_run_id": summary["mlflow_parent_run_id"],
         "stores": {phase: os.path.join(cfg.out, "stores", phase) for phase in ("align", "instruct")},
         "model_dir": summary["model_dir"],
-        "packed_dir": summary["packed_dir"],
+        "packed_dir": packed,
+        "commands": commands,
         "seconds": round(time.time() - start, 1),
     }
-    where = [f"MLflow runs: {report['mlflow_ui']}", f"sample stores: {report['stores']['align']}, "
-             f"{report['stores']['instruct']}", f"trained model: {report['model_dir']}",
-             f"packed model: {report['packed_dir']} (serve it: bitllava serve --model {report['packed_dir']})"]
+    where = [f"sample stores: {report['stores']['align']}, {report['stores']['instruct']}",
+             f"trained model: {report['model_dir']}", f"packed model: {packed}",
+             f"MLflow runs: {commands['mlflow_ui']}", f"ask the packed model: {commands['generate']}",
+             f"serve it (OpenAI-compatible HTTP): {commands['serve']}"]
     for line in where:
         print(f"[demo] {line}", file=sys.stderr, flush=True)
     return report

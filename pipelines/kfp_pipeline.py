@@ -39,7 +39,7 @@ def pipeline_step(config: str, step: str, ray_address: str, out: str) -> str:
 def step_names(cfg) -> list[str]:
     names = ["init"] + (["synth"] if cfg.data.synth else [])
     names += ["preprocess-align", "preprocess-instruct", "train-align", "train-instruct"]
-    names += ["eval"] if cfg.eval.get("tasks") else []
+    names += ["eval"] if cfg.eval.tasks else []
     return names + ["pack", "deploy"]
 
 

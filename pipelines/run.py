@@ -68,13 +68,13 @@ class StepRunner:
 
     def check_until(self, name: str) -> None:
         if self.until and (name == self.until or (self.until == "eval" and name.startswith("eval-")
-                                                  and name == f"eval-{self.cfg.eval['tasks'][-1]}")):
+                                                  and name == f"eval-{self.cfg.eval.tasks[-1]}")):
             raise StopPipeline(name)
 
     def nested_run(self, name: str, params: dict, metrics: dict) -> None:
         import mlflow
 
-        run_id = create_run(self.tracking_uri, self.cfg.mlflow.get("experiment", "bitllava"), name, self.parent,
+        run_id = create_run(self.tracking_uri, self.cfg.mlflow.experiment, name, self.parent,
                             params=params)
         client = mlflow.tracking.MlflowClient(self.tracking_uri)
         for k, v in metrics.items():
@@ -94,10 +94,12 @@ def plan(cfg: PipelineConfig) -> dict:
     features = config.num_image_tokens * vision.hidden_size * 2
     records = {"cc595k": 595_375, "instruct": 157_712}
     if cfg.data.synth:
-        captions = cfg.data.synth.get("records", 200)  # the instruct set: two conversations per image
-        records = {"cc595k": captions, "instruct": 2 * cfg.data.synth.get("instruct_images", captions // 2)}
-    enc = {"align": cfg.preprocess.get("encode_align", "pixels"),
-           "instruct": cfg.preprocess.get("encode_instruct", "pixels")}
+        from components.data.synth import SynthConfig
+
+        synth = SynthConfig(out=storage.join(cfg.out, "synth"), seed=cfg.seed, **cfg.data.synth)
+        # the instruct set: two conversations per image
+        records = {"cc595k": synth.records, "instruct": 2 * (synth.instruct_images or synth.records // 2)}
+    enc = {p: cfg.preprocess.encode(p) for p in ("align", "instruct")}
     train = {p: cfg.train_config(p, data="<store>", out="<out>", init="<init>") for p in ("align", "instruct")}
 
     def resources(t: TrainConfig) -> str:
@@ -114,9 +116,9 @@ def plan(cfg: PipelineConfig) -> dict:
                * (pixels if enc[p] == "pixels" else features)} for p in ("align", "instruct")),
             *({"step": f"train-{p}", "resources": resources(train[p]), "output": storage.join(cfg.out, p),
                "global_batch": train[p].global_batch, "lr": train[p].lr} for p in ("align", "instruct")),
-            *({"step": f"eval-{t}", "output": storage.join(cfg.out, "eval", t)} for t in cfg.eval.get("tasks", [])),
-            {"step": "pack", "format": cfg.pack.get("format", "2bit"), "output": storage.join(cfg.out, "packed")},
-            {"step": "deploy", "keep_running": cfg.serve.get("keep_running", False)},
+            *({"step": f"eval-{t}", "output": storage.join(cfg.out, "eval", t)} for t in cfg.eval.tasks),
+            {"step": "pack", "format": cfg.pack.format, "output": storage.join(cfg.out, "packed")},
+            {"step": "deploy", "keep_running": cfg.serve.keep_running},
         ],
     }
 
@@ -134,6 +136,17 @@ def eval_sources(cfg: PipelineConfig, synth: dict | None) -> dict:
     return cfg.data.eval
 
 
+def warn_if_local_output_on_many_nodes(out: str) -> None:
+    """A local output folder is on this node only: other nodes' workers cannot read or write it."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 and not storage.is_s3(out):
+        _log(f"warning: the output root {out} is a local folder, but the cluster has {nodes} nodes: workers on "
+             f"other nodes cannot see it unless it is a shared filesystem (NFS, EFS, ...); use an s3:// URI "
+             f"(`out:` in the config, or --out)")
+
+
 def run_pipeline(cfg: PipelineConfig, address: str | None = None, until: str | None = None) -> dict:
     """Run every step (or the steps up to `until`); returns the summary (or the steps' results when stopped)."""
     import ray
@@ -144,8 +157,9 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, until: str | N
         raise ValueError("this config generates no data: there is no synth step")
     if not ray.is_initialized():
         ray.init(address=address)
-    tracking_uri = resolve_tracking_uri(cfg.mlflow.get("tracking_uri"), cfg.out)
-    experiment = cfg.mlflow.get("experiment", "bitllava")
+    warn_if_local_output_on_many_nodes(cfg.out)
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.out)
+    experiment = cfg.mlflow.experiment
     parent = create_run(tracking_uri, experiment, f"pipeline-{cfg.name}",
                         params={k: v for k, v in dataclasses.asdict(cfg).items()}, tags={"pipeline": cfg.name})
     steps = StepRunner(cfg, tracking_uri, parent, until)
@@ -188,9 +202,8 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
 
     stores = {}
     for phase, source in (("align", "cc595k"), ("instruct", "instruct")):
-        settings = {"encode": cfg.preprocess.get(f"encode_{phase}", "pixels"),
-                    "shard_records": cfg.preprocess.get("shard_records", 256),
-                    "max_length": cfg.preprocess.get("max_length"),
+        settings = {"encode": cfg.preprocess.encode(phase), "shard_records": cfg.preprocess.shard_records,
+                    "max_length": cfg.preprocess.max_length,
                     "json": sources[source]["json"], "images": sources[source]["images"]}
         store = storage.join(out, "stores", phase)
 
@@ -218,10 +231,10 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
 
     metrics = {}
     evals = eval_sources(cfg, synth)
-    for task in cfg.eval.get("tasks", []):
+    for task in cfg.eval.tasks:
         src = evals[task]
-        settings = {"limit": cfg.eval.get("limit"), "batch_size": cfg.eval.get("batch_size", 8),
-                    "num_actors": cfg.eval.get("num_actors", 1), **src}
+        settings = {"limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size, "num_actors": cfg.eval.num_actors,
+                    **src}
         ecfg = EvalConfig(task=task, model=model_dir, images=src["images"], out_dir=storage.join(out, "eval", task),
                           annotations=list(src.get("annotations", [])), questions=src.get("questions"),
                           limit=settings["limit"], batch_size=settings["batch_size"],
@@ -234,13 +247,12 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
     packed = storage.join(out, "packed")
 
     def do_pack():
-        report = run_pack(PackConfig(out=packed, checkpoint=model_dir, format=cfg.pack.get("format", "2bit"),
-                                     overwrite=True))
-        steps.nested_run("pack", {"format": cfg.pack.get("format", "2bit")},
+        report = run_pack(PackConfig(out=packed, checkpoint=model_dir, format=cfg.pack.format, overwrite=True))
+        steps.nested_run("pack", {"format": cfg.pack.format},
                          {k: v for k, v in report.items() if isinstance(v, (int, float))})
         return {"packed_dir": packed, "report": report}
 
-    steps.run("pack", cfg.pack, ["train-instruct"], do_pack)
+    steps.run("pack", dataclasses.asdict(cfg.pack), ["train-instruct"], do_pack)
     served = deploy(cfg, packed, synth)
     steps.results["deploy"] = served
     summary = {"pipeline": cfg.name, "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri,
@@ -269,12 +281,12 @@ def deploy(cfg: PipelineConfig, packed: str, synth: dict | None) -> dict:
 
     from serve.app import build_app
 
-    port = int(cfg.serve.get("port", 8000))
-    args = {"model": packed, **({"config": cfg.serve["config"]} if cfg.serve.get("config") else {})}
+    port = cfg.serve.port
+    args = {"model": packed, **({"config": cfg.serve.config} if cfg.serve.config else {})}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="bitllava", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    content = [{"type": "text", "text": cfg.serve.get("prompt", "Describe the image.")}]
+    content = [{"type": "text", "text": cfg.serve.prompt}]
     image = None
     if synth:
         folder = synth["eval"]["vqav2"]["images"]
@@ -287,7 +299,7 @@ def deploy(cfg: PipelineConfig, packed: str, synth: dict | None) -> dict:
         reply = json.loads(response.read())
     answer = reply["choices"][0]["message"]["content"]
     _log(f"served answer: {answer!r} (endpoint {url})")
-    if not cfg.serve.get("keep_running", False):
+    if not cfg.serve.keep_running:
         serve.shutdown()
     return {"endpoint": url, "prompt": content[-1]["text"], "image": image, "answer": answer,
             "usage": reply.get("usage")}

@@ -7,17 +7,31 @@ and the virtualenv); the cluster's nodes provide the dependencies (the project's
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
+from components import storage
 from pipelines.config import ROOT, load_pipeline_config
 
 EXCLUDES = [".venv", ".git", "demo_out", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info", "build"]
 
 
 def _client(address: str):
+    """A Jobs API client; a cluster that cannot be reached or refuses us is one line naming the fix."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as err:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        raise ValueError(f"the Ray cluster at {address} requires token authentication (RAY_AUTH_MODE is {mode}): "
+                         f"set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token, "
+                         f"RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN") from err
+    except ConnectionError as err:
+        raise ValueError(f"cannot reach the Ray dashboard at {address} ({str(err).splitlines()[0][:200]}): "
+                         f"is the cluster up (`ray start --head`) and is this its dashboard address "
+                         f"(default port 8265)?") from err
 
 
 def submit(config: str, address: str, out: str | None = None, dry_run: bool = False, until: str | None = None) -> dict:
@@ -25,8 +39,15 @@ def submit(config: str, address: str, out: str | None = None, dry_run: bool = Fa
     rel = os.path.relpath(os.path.abspath(config), ROOT)
     if rel.startswith(".."):
         raise ValueError(f"{config} must lie inside the project ({ROOT}) so that the job carries it")
-    entrypoint = f"python -m pipelines.cli run {rel}" + (f" --out {out}" if out else "") + (
-        " --dry-run" if dry_run else "") + (f" --until {until}" if until else "")
+    if out and not storage.is_s3(out) and not os.path.isabs(out):
+        print(f"[submit] --out {out} is relative: it is resolved in the job's working directory on the "
+              f"cluster, a temporary copy of the project; give an absolute path or an s3:// URI to keep "
+              f"the outputs", file=sys.stderr)
+    args = [rel] + (["--out", out] if out else []) + (["--dry-run"] if dry_run else []) + (
+        ["--until", until] if until else [])
+    # job_entry finds an interpreter that holds the project's dependencies (see its docstring)
+    entrypoint = '"$(command -v python3 || command -v python)" -m pipelines.job_entry run ' + " ".join(
+        shlex.quote(a) for a in args)
     import time
 
     client = _client(address)

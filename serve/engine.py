@@ -217,7 +217,7 @@ class BatchEngine:
             kwargs["pixel_values"] = torch.cat(pixels).to(device, self.model.dtype)  # (N images, 3, S, S)
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                          use_cache=True, logits_to_keep=1, **kwargs)
-        return out.past_key_values, mask.to(device), out.logits[:, -1]  # logits (n, V)
+        return out.cache, mask.to(device), out.logits[:, -1]  # logits (n, V)
 
     def _decode(self) -> list[tuple[Sequence, GenerationEvent]]:
         device = self.model.device
@@ -228,13 +228,13 @@ class BatchEngine:
         mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
         try:
             out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                             past_key_values=self._cache, use_cache=True)
+                             cache=self._cache, use_cache=True)
         except Exception as err:  # noqa: BLE001 - the batch's cache is unusable now: fail its requests
             message = _failure("decode", err)
             events = [(s, self._error_event(s, message)) for s in rows]
             self._reset()
             return events
-        self._cache, self._mask = out.past_key_values, mask
+        self._cache, self._mask = out.cache, mask
         for seq in rows:
             seq.length += 1
         sampled = self._sample(out.logits[:, -1], rows)

@@ -53,6 +53,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc, term_wait: float = 60) -> None:
+    """SIGTERM the process group of `proc` (started with start_new_session=True), SIGKILL if it lingers."""
+    import os
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _wait_until_ready(proc, ready, seconds: float, what: str, log_path) -> None:
     """Poll `ready()` until it returns True; kill `proc` and fail with its log's tail if it exits or times out."""
     import time

@@ -1,6 +1,7 @@
 """How training batches are drawn from a rank's store rows (no Ray: the rows are plain dicts)."""
 
 import numpy as np
+import pytest
 
 from components.train.data import SHUFFLE_WINDOW_BATCHES, micro_batches
 
@@ -22,6 +23,14 @@ def test_every_used_row_once_and_exactly_the_planned_steps():
     assert len(batches) == 24 and all(len(b) == 8 for b in batches)
     idx = [s.idx for b in batches for s in b]
     assert sorted(idx) == list(range(24 * 8))  # rows past micro_steps x batch are read but not used
+
+
+def test_a_stream_of_other_than_the_planned_rows_is_an_error():
+    # the rank's stream is read to its end: it must hold exactly the rows the plan gave the rank
+    for n in (199, 201):
+        with pytest.raises(ValueError, match=f"stream held {n} rows, the plan 200"):
+            list(micro_batches(_rows(n, block=32), 200, 24, 8, 0, 0, True))
+    assert len(list(micro_batches(_rows(192, block=32), 192, 24, 8, 0, 0, True))) == 24
 
 
 def test_order_is_a_function_of_seed_and_epoch():

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from components import storage
+from components import paths, storage
 from components.data.records import (
     DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_CHARS, BadRecord, ImageSource, RecordProcessor, decode_image, image_names, parse_record,
     record_id,
@@ -86,6 +86,9 @@ class PreprocessConfig:
 
     def __post_init__(self):
         self.s3_endpoint = storage.s3_endpoint(self.s3_endpoint)  # resolved here so Ray workers get it too
+        # user paths mean what they mean in the user's shell; Ray Data tasks run in other folders
+        self.json, self.images, self.out = (paths.local_path(p) for p in (self.json, self.images, self.out))
+        self.model = paths.model_ref(self.model)
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}; choose one of {SOURCES}")
         if self.phase not in PHASE_TEMPLATES:

@@ -12,15 +12,15 @@ left-padded to a common length, and `generate` decodes them together. Greedy ans
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from PIL import Image
 
 from model.chat import user_turn
-from model.checkpoint import LoadedModel, load_model
+from model.checkpoint import LoadedModel
 from model.conversation import prompt_ids
+from model.loading import is_packed_folder, load_any_model  # noqa: F401  (is_packed_folder: re-exported)
 from model.vision import preprocess_images
 
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -28,19 +28,6 @@ SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 def short_answer_prompt(question: str) -> str:
     return question + SHORT_ANSWER_SUFFIX
-
-
-def is_packed_folder(path: str) -> bool:
-    """A folder written by `bitllava pack`: its config.json has a "packing" section (format, version, ...)."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        return False
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError:
-            return False
-    return isinstance(config, dict) and isinstance(config.get("packing"), dict)
 
 
 def model_location(path: str) -> str:
@@ -55,16 +42,12 @@ def model_location(path: str) -> str:
 
 
 def load_eval_model(path: str) -> LoadedModel:
-    """A checkpoint folder (or hub id) or a packed model folder, in eval mode; it must take images."""
-    if is_packed_folder(path):
-        try:
-            from model.packing import load_packed
-        except ImportError as err:
-            raise ValueError(f"{path} is a packed model folder, but this installation cannot load packed "
-                             f"models (model.packing: {err})") from err
-        loaded = load_packed(path)
-    else:
-        loaded = load_model(path)
+    """A checkpoint folder (or hub id) or a packed model folder, in eval mode; it must take images.
+
+    Both load through `model.loading.load_any_model` with its default dtype (float32), so a packed
+    folder answers as the checkpoint it was packed from.
+    """
+    loaded = load_any_model(path)
     if not loaded.multimodal:
         raise ValueError(f"{path} holds a text-only LLM ({loaded.layout}); evaluation needs a multimodal model")
     return loaded

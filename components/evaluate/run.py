@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from components import paths
 from components.evaluate.datasets import TASKS, EvalSet, load_eval_set, preview
 from components.evaluate.images import decode_image, image_location, is_uri, missing_images, read_bytes
 from components.evaluate.inference import answer_batch, load_eval_model, model_location
@@ -77,7 +78,12 @@ class EvalConfig:
         for name in ("model", "images", "out_dir"):
             if not getattr(self, name):
                 raise ValueError(f"eval config: {name} is required")
-        self.annotations = list(self.annotations or [])
+        self.annotations = paths.local_paths(list(self.annotations or []))
+        # user paths mean what they mean in the user's shell; the model actors run in other folders
+        self.images, self.out_dir, self.questions = (paths.local_path(p) for p in (self.images, self.out_dir,
+                                                                                    self.questions))
+        self.model = paths.model_ref(self.model)
+        self.tracking_uri = paths.tracking_uri(self.tracking_uri)
         for name in ("batch_size", "num_actors", "cpus_per_actor", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -9,8 +9,10 @@ both one epoch, cosine schedule, warmup ratio 0.03.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
+from components import paths
 from components.yaml_fields import load_fields
 
 
@@ -119,9 +121,17 @@ class TrainConfig:
 
 
 def load_train_config(path: str | None = None, **overrides) -> TrainConfig:
-    """A YAML file's fields, then non-None overrides (command-line flags)."""
+    """A YAML file's fields, then non-None overrides (command-line flags). Local paths (data, out, init,
+    tracking_uri) are made absolute here, relative to the working directory: Train workers run elsewhere."""
+    if path:
+        path = paths.config_file(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"training config {path} does not exist")
     values = load_fields(path, TrainConfig, overrides, "training settings")
     missing = [k for k in ("phase", "data", "out", "init") if k not in values]
     if missing:
         raise ValueError(f"missing training settings {missing} (give them in the YAML or as flags)")
+    for key in ("data", "out", "init"):
+        values[key] = paths.local_path(values[key])
+    values["tracking_uri"] = paths.tracking_uri(values.get("tracking_uri"))
     return TrainConfig(**values)

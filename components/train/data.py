@@ -1,12 +1,18 @@
 """Deterministic streaming input for training, from the sample store.
 
-Every rank streams its own store parts through Ray Data (`get_dataset_shard("train_<rank>")`),
-dealt out per epoch in a seeded order, with order preserved. Samples are then shuffled (seeded) within
-windows of 16 batches, and, as LLaVA's length-grouped sampler does, sorted by length within
-megabatches of `group_batches` batches (LLaVA: world size x batch) so that padding stays small while
-every batch remains a random draw. So the data a rank sees at each step is a function of
-(seed, epoch, step) only: a run resumed from a checkpoint continues on exactly the data it would have
-seen, and every rank runs the same number of micro-steps (DeepSpeed's collectives need that).
+Each epoch has one global row order over the whole store: the parts in a seeded order, their rows
+concatenated in file order, rotated by a seeded offset. Its first `samples_used` rows (a multiple of
+workers x batch x accumulation; fewer than that many are dropped at the end) are cut into one
+contiguous slice per rank, so every used sample is trained on by exactly one rank, every rank runs
+the same number of micro-steps (DeepSpeed's collectives need that), and a store of a single part
+trains on any number of workers. A rank's slice is a list of (part, start row, stop row) ranges;
+its Ray Data stream (`get_dataset_shard(shard_name(rank, epoch))`) reads just those rows, in order.
+
+Samples are then shuffled (seeded) within windows of 16 batches, and, as LLaVA's length-grouped
+sampler does, sorted by length within megabatches of `group_batches` batches (LLaVA: world size x
+batch) so that padding stays small while every batch remains a random draw. So the data a rank sees
+at each step is a function of (seed, epoch, step) only: a run resumed from a checkpoint continues on
+exactly the data it would have seen.
 
 Sorting a whole window by length instead makes each batch one question template (the store keeps
 records in file order): measured on the tiny demo, held-out accuracy then stays near the image-blind
@@ -25,29 +31,60 @@ from components.data.store import SAMPLE_SCHEMA, decode_sample, load_manifest, p
 from model.conversation import IGNORE_INDEX
 
 SHUFFLE_WINDOW_BATCHES = 16
+READ_BATCH_ROWS = 64  # rows per block a rank's reader yields (pixel samples are ~0.7 MB each)
 
 
-def deal_parts(parts: list[dict], workers: int, seed: int, epoch: int) -> list[list[dict]]:
-    """Parts in a seeded order, each to the rank holding the fewest samples so far (balanced ranks)."""
-    order = sorted(parts, key=lambda p: p["name"])
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    ranks: list[list[dict]] = [[] for _ in range(workers)]
-    for part in order:
-        min(ranks, key=lambda r: sum(p["samples"] for p in r)).append(part)
-    return ranks
+def epoch_order(parts: list[dict], seed: int, epoch: int) -> list[list]:
+    """The epoch's global row order as [part name, start row, stop row] runs: parts in a seeded order,
+    concatenated, rotated by a seeded offset (so the rows dropped at the end differ from epoch to epoch)."""
+    order = sorted((p for p in parts if p["samples"] > 0), key=lambda p: p["name"])
+    rng = random.Random(f"{seed}-{epoch}")
+    rng.shuffle(order)
+    total = sum(p["samples"] for p in order)
+    if not total:
+        return []
+    offset = rng.randrange(total)
+    head, tail, pos = [], [], 0
+    for p in order:
+        n = p["samples"]
+        if pos + n <= offset:
+            tail.append([p["name"], 0, n])
+        elif pos >= offset:
+            head.append([p["name"], 0, n])
+        else:
+            head.append([p["name"], offset - pos, n])
+            tail.append([p["name"], 0, offset - pos])
+        pos += n
+    return head + tail
+
+
+def slice_runs(runs: list[list], lo: int, hi: int) -> list[list]:
+    """Rows [lo, hi) of the order given by `runs`, as runs."""
+    out, pos = [], 0
+    for name, start, stop in runs:
+        a, b = max(lo, pos), min(hi, pos + stop - start)
+        if a < b:
+            out.append([name, start + a - pos, start + b - pos])
+        pos += stop - start
+    return out
 
 
 def plan_epochs(manifest: dict, workers: int, per_device_batch: int, grad_accum: int, epochs: int, seed: int):
-    """Per epoch: each rank's parts, rows, and the micro-steps every rank runs (a multiple of grad_accum)."""
+    """Per epoch: each rank's row ranges ("ranges") and row count ("rows"), the micro-steps every rank runs
+    (a multiple of grad_accum), and the samples used and dropped (fewer than workers x batch x accumulation)."""
+    step = workers * per_device_batch * grad_accum
+    total = sum(p["samples"] for p in manifest["parts"])
+    used = total // step * step
+    if used == 0:
+        raise ValueError(f"the store holds {total} samples: too few for {workers} workers x batch "
+                         f"{per_device_batch} x accumulation {grad_accum} (one optimizer step needs {step} samples)")
+    per_rank = used // workers
     plan = []
     for epoch in range(epochs):
-        ranks = deal_parts(manifest["parts"], workers, seed, epoch)
-        rows = [sum(p["samples"] for p in r) for r in ranks]
-        micro = min(rows) // per_device_batch // grad_accum * grad_accum
-        plan.append({"parts": [[p["name"] for p in r] for r in ranks], "rows": rows, "micro_steps": micro})
-    if sum(e["micro_steps"] for e in plan) == 0:
-        raise ValueError(f"the store holds {manifest['counts']['samples']} samples: too few for {workers} workers x "
-                         f"batch {per_device_batch} x accumulation {grad_accum}")
+        runs = epoch_order(manifest["parts"], seed, epoch)
+        plan.append({"ranges": [slice_runs(runs, r * per_rank, (r + 1) * per_rank) for r in range(workers)],
+                     "rows": [per_rank] * workers, "micro_steps": per_rank // per_device_batch,
+                     "samples_used": used, "samples_dropped": total - used})
     return plan
 
 
@@ -55,17 +92,45 @@ def shard_name(rank: int, epoch: int) -> str:
     return f"train_r{rank}_e{epoch}"
 
 
+def read_ranges(batch, fs, path: str):
+    """Ray Data UDF: for each (part, start, stop) of `batch` (a pyarrow table), that part's rows [start, stop)
+    in file order, as SAMPLE_SCHEMA tables of at most READ_BATCH_ROWS rows. Row groups outside it are not read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, start, stop in zip(*(batch.column(c).to_pylist() for c in ("part", "start", "stop"))):
+        with fs.open_input_file(f"{path}/{name}") as f:
+            pf = pq.ParquetFile(f)
+            base = 0  # first row of the row group
+            for group in range(pf.num_row_groups):
+                n = pf.metadata.row_group(group).num_rows
+                if base + n > start and base < stop:
+                    pos = base
+                    for b in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group],
+                                             columns=SAMPLE_SCHEMA.names, use_threads=False):
+                        lo, hi = max(start - pos, 0), min(stop - pos, b.num_rows)
+                        if lo < hi:
+                            yield pa.Table.from_batches([b.slice(lo, hi - lo)]).cast(SAMPLE_SCHEMA)
+                        pos += b.num_rows
+                        if pos >= stop:
+                            break
+                base += n
+                if base >= stop:
+                    break
+
+
 def rank_datasets(store: str, plan: list[dict], workers: int, endpoint: str | None = None) -> dict:
-    """{shard_name(rank, epoch): Dataset}: each rank's parts of each epoch, in plan order."""
+    """{shard_name(rank, epoch): Dataset}: each rank's row ranges of each epoch, in plan order."""
     import ray.data
 
     fs, path = storage.filesystem(parts_uri(store), endpoint)
     datasets = {}
     for epoch, epoch_plan in enumerate(plan):
         for rank in range(workers):
-            files = [f"{path}/{name}" for name in epoch_plan["parts"][rank]]
-            ds = ray.data.read_parquet(files, filesystem=fs, schema=SAMPLE_SCHEMA, shuffle=None,
-                                       ray_remote_args={"num_cpus": 0.25})
+            ranges = [{"part": name, "start": start, "stop": stop} for name, start, stop in epoch_plan["ranges"][rank]]
+            ds = ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
+                read_ranges, batch_size=1, batch_format="pyarrow", fn_kwargs={"fs": fs, "path": path},
+                num_cpus=0.25)
             ds.context.execution_options.preserve_order = True
             ds.context.enable_progress_bars = False
             datasets[shard_name(rank, epoch)] = ds
@@ -93,18 +158,21 @@ def collate(samples: list, pad_id: int, encode: str) -> dict:
 
 def micro_batches(rows, epoch_rows: int, micro_steps: int, batch: int, seed: int, epoch: int,
                   group_by_length: bool, group_batches: int = 2):
-    """Consume exactly `epoch_rows` rows of `rows` (an iterator of store rows); yield `micro_steps` lists of samples."""
+    """Consume all of `rows` (an iterator of store rows: a rank's stream, `epoch_rows` long); yield `micro_steps`
+    lists of samples drawn from its first micro_steps x batch rows (plan_epochs makes those all of them)."""
     window = batch * SHUFFLE_WINDOW_BATCHES
     megabatch = batch * max(1, group_batches)
     used = micro_steps * batch
+    if used > epoch_rows:
+        raise ValueError(f"{micro_steps} micro-steps of batch {batch} need {used} rows, the stream holds {epoch_rows}")
     taken, buffer, emitted = 0, [], 0
     rng = random.Random(f"{seed}-{epoch}-shuffle")
-    while taken < epoch_rows:
-        row = next(rows)
+    for row in rows:
         taken += 1
-        if taken <= used:
-            buffer.append(decode_sample(row))
-        if len(buffer) == window or (taken == used and buffer):
+        if taken > used:
+            continue  # read to the end of the stream, not trained on
+        buffer.append(decode_sample(row))
+        if len(buffer) == window or taken == used:
             rng.shuffle(buffer)
             if group_by_length:
                 buffer = [s for i in range(0, len(buffer), megabatch)
@@ -113,7 +181,9 @@ def micro_batches(rows, epoch_rows: int, micro_steps: int, batch: int, seed: int
                 emitted += 1
                 yield buffer[i: i + batch]
             buffer = []
-    assert emitted == micro_steps, (emitted, micro_steps)
+    if taken != epoch_rows or emitted != micro_steps:
+        raise ValueError(f"epoch {epoch}: the rank's stream held {taken} rows, the plan {epoch_rows} "
+                         f"({emitted} of {micro_steps} micro-steps drawn); was the store changed?")
 
 
 def load_store_manifest(store: str, endpoint: str | None = None) -> dict:

@@ -143,6 +143,8 @@ def train_loop(loop_config: dict) -> None:
     for epoch, epoch_plan in enumerate(plan):
         if done or epoch < state["epoch"]:
             continue
+        if logger:
+            logger.log_epoch(epoch, epoch_plan["samples_used"], epoch_plan["samples_dropped"], world)
         rows = iter(ray.train.get_dataset_shard(shard_name(rank, epoch)).iter_rows())
         batches = micro_batches(rows, epoch_plan["rows"][rank], epoch_plan["micro_steps"], cfg.per_device_batch,
                                 cfg.seed, epoch, cfg.group_by_length, group_batches=world)

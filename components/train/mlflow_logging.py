@@ -23,6 +23,11 @@ class PhaseLogger:
         if resumed_at:
             mlflow.set_tag(f"resumed_at_step_{resumed_at}", "true")
 
+    def log_epoch(self, epoch: int, used: int, dropped: int, world: int) -> None:
+        """Samples this epoch trains on (across all ranks) and drops at its end; MLflow step = epoch."""
+        mlflow.log_metrics({"samples_per_epoch": float(used), "samples_dropped_per_epoch": float(dropped)}, step=epoch)
+        print(f"[train] epoch {epoch}: {used} samples on {world} ranks, {dropped} dropped", flush=True)
+
     def log_step(self, metrics: dict) -> None:
         step = int(metrics["step"])
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "step"}, step=step)

@@ -25,13 +25,34 @@ def final_model_dir(cfg: TrainConfig) -> str:
     return storage.join(cfg.out, "model")
 
 
+def check_init_model(init: str) -> None:
+    """`init` must be a multimodal bitllava model folder with weights (what `bitllava model init` writes)."""
+    import json
+
+    hint = "run `bitllava model init` (or the align phase, for instruct)"
+    config_path = os.path.join(init, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"--init {init} is not a model folder: no config.json there; {hint}")
+    try:
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--init {init}: cannot read config.json ({err})") from err
+    if model_type != "bitllava":
+        raise ValueError(f"--init {init} holds a {model_type!r} model, not a multimodal bitllava model; {hint}")
+    from model.checkpoint import WEIGHT_FILES
+
+    if not any(os.path.isfile(os.path.join(init, name)) for name in WEIGHT_FILES):
+        raise ValueError(f"--init {init} holds no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
 def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not os.path.isfile(os.path.join(cfg.init, "config.json")):
-        raise ValueError(f"--init {cfg.init} is not a model folder (run `bitllava model init` or the align phase)")
+    # Errors no restart can fix end the command here, in the driver, before any worker starts.
+    check_init_model(cfg.init)
     manifest = load_manifest(cfg.data)
     if manifest["phase"] != cfg.phase:
         raise ValueError(f"{cfg.data} was preprocessed for phase {manifest['phase']!r}, not {cfg.phase!r}")
