@@ -43,7 +43,7 @@ lock:
 	@echo "wrote $(LOCK): run 'make test' and commit it"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

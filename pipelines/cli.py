@@ -123,6 +123,7 @@ def _add_eval_parsers(sub) -> None:
     run.add_argument("--experiment", default="bitllava-eval", help="MLflow experiment")
     run.add_argument("--mlflow-parent-run-id", default=None, help="nest the run under this MLflow run")
     run.add_argument("--run-name", default=None, help="MLflow run name (default eval-<task>)")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=_cmd_eval_run)
 
 
@@ -235,6 +236,7 @@ def _add_data_parsers(sub) -> None:
     pre.add_argument("--max-encoders", type=int, default=2)
     pre.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     pre.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    pre.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     pre.set_defaults(func=_cmd_data_preprocess)
 
 
@@ -276,6 +278,7 @@ def _add_train_parsers(sub) -> None:
     train.add_argument("--parent-run-id", default=None, help="MLflow run to nest this phase under")
     train.add_argument("--experiment", default=None, help="MLflow experiment")
     train.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
+    train.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     train.set_defaults(func=_cmd_train)
 
     runs = sub.add_parser("runs", help="MLflow runs").add_subparsers(dest="runs_command", required=True)
@@ -339,6 +342,7 @@ def _add_run_parsers(sub) -> None:
     run.add_argument("--out", default=None, help="override the config's output root")
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     run.add_argument("--until", default=None, help="stop after this step (init, synth, preprocess-align, ...)")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=_cmd_run)
 
     kfp = sub.add_parser("kfp", help="Kubeflow Pipelines").add_subparsers(dest="kfp_command", required=True)
@@ -385,6 +389,7 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     serve.add_argument("--host", default=None, help="HTTP host (default: the config's http_options, else 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
+    serve.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -426,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the model path alone in one process: one image, train, save, reload, generate")
     demo.add_argument("--steps", type=int, default=60, help="--model-only: training steps")
     demo.add_argument("--seed", type=int, default=0, help="--model-only: seed")
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo.set_defaults(func=_cmd_demo)
 
     _add_run_parsers(sub)
@@ -437,8 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+VERBOSE_HELP = "show Ray's and DeepSpeed's INFO lines and warnings (quiet by default)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from components.console import quiet_console
+
     args = build_parser().parse_args(argv)
+    quiet_console(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

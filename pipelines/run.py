@@ -284,7 +284,10 @@ def deploy(cfg: PipelineConfig, packed: str, synth: dict | None) -> dict:
     port = cfg.serve.port
     args = {"model": packed, **({"config": cfg.serve.config} if cfg.serve.config else {})}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="bitllava", route_prefix="/")
+    from components.console import is_verbose
+
+    serve.run(build_app(args), name="bitllava", route_prefix="/",
+              logging_config=None if is_verbose() else {"log_level": "WARNING"})  # no access log per request
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     content = [{"type": "text", "text": cfg.serve.prompt}]
     image = None

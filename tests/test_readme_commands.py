@@ -69,5 +69,5 @@ def test_readme_command_line_block_runs_as_written(tmp_path):
     score = json.loads(output("bitllava eval score")[0])
     metrics = json.loads((tmp_path / "eval_out" / "vqav2_metrics.json").read_text())
     assert 0 <= score["accuracy"] <= 100 and score["accuracy"] == pytest.approx(metrics["metrics"]["accuracy"])
-    plan = json.loads(output("bitllava run")[0])
+    plan = json.loads(output("bitllava run pipelines")[0])
     assert plan["out"] == str(tmp_path / "demo_out")  # the config's relative `out`, in the user's folder

@@ -71,12 +71,14 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     from transformers import get_cosine_schedule_with_warmup
 
+    from components.console import quiet_worker_logs
     from components.train.config import TrainConfig
     from components.train.data import collate, micro_batches, shard_name
     from components.train.deepspeed_config import deepspeed_config
     from components.train.mlflow_logging import PhaseLogger
     from model.checkpoint import load_model
 
+    quiet_worker_logs()  # after `import deepspeed`, which sets its logger's level
     cfg = TrainConfig(**loop_config["cfg"])
     plan, encode = loop_config["plan"], loop_config["encode"]
     ctx = ray.train.get_context()

@@ -16,6 +16,7 @@ import time
 
 from components import storage
 from components.data.store import load_manifest
+from components.console import VERBOSE_ENV
 from components.tracking import create_run, resolve_tracking_uri
 from components.train.config import TrainConfig
 from components.train.data import plan_epochs, rank_datasets
@@ -69,7 +70,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     if not ray.is_initialized():
         ray.init(address=address)
     env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "1")}
     fs, storage_path = storage.filesystem(storage.join(cfg.out, "ray"))
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop_entry,
