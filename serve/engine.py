@@ -14,8 +14,10 @@ kept minimal on top of transformers' `DynamicCache`. One `step()`:
 
 Requests differ in `max_tokens`, `temperature`, `top_p`, `seed` and `stop`: sampling is per row
 (a torch.Generator per request, so a seeded request samples the same tokens whatever it is
-batched with). Text is detokenized incrementally; text that could be the start of a stop
-sequence, or an incomplete UTF-8 character, is held back until it is known.
+batched with). Text is detokenized incrementally, one `IncrementalDetokenizer` per request
+(serve/detokenizer.py, vLLM's method: a small window of recent tokens is decoded per token, and stop
+sequences are searched in the new text only); text that could be the start of a stop sequence, or
+an incomplete UTF-8 character, is held back until it is known.
 
 The engine is synchronous and single-threaded: `submit` and `cancel` may be called from another
 thread (the replica's event loop), everything else runs on the thread that calls `step`.
@@ -31,6 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from serve.detokenizer import IncrementalDetokenizer, skipped_token_ids
+from serve.detokenizer import held_back as _held_back  # noqa: F401 - kept importable from here
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 
@@ -70,12 +75,11 @@ class GenerationEvent:
 class Sequence:
     """A request's state inside the engine."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, detokenizer: IncrementalDetokenizer | None = None):
         self.request = request
         self.prompt_tokens = len(request.prompt_ids)
         self.generated: list[int] = []  # every sampled token (eos included)
-        self.text_ids: list[int] = []  # tokens that make the text (eos excluded)
-        self.emitted = 0  # characters of the visible text already sent
+        self.detokenizer = detokenizer  # the text of the tokens (eos excluded); set by BatchEngine.submit
         self.length = self.prompt_tokens  # tokens of this row in the KV cache
         self.pending: int | None = None  # sampled, not yet fed through the model
         self.finish_reason: str | None = None
@@ -100,6 +104,7 @@ class BatchEngine:
         self.max_context = max_context or text_config.max_sequence_length
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._skipped_ids = skipped_token_ids(tokenizer)  # what decode(skip_special_tokens=True) drops
         self._lock = threading.Lock()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
@@ -120,7 +125,8 @@ class BatchEngine:
                              f"context of {self.max_context} tokens")
         if request.sampling.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        seq = Sequence(request)
+        seq = Sequence(request, IncrementalDetokenizer(self.tokenizer, request.sampling.stop,
+                                                       skipped_ids=self._skipped_ids))
         with self._lock:
             self._waiting.append(seq)
         return seq
@@ -268,24 +274,13 @@ class BatchEngine:
         finish = None
         if token == self.eos_id and not seq.request.sampling.ignore_eos:
             finish = FINISH_STOP
+            delta, stopped = seq.detokenizer.finish()
         else:
-            seq.text_ids.append(token)
             if len(seq.generated) >= seq.request.sampling.max_tokens or seq.length >= self.max_context:
                 finish = FINISH_LENGTH
-        full = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False).lstrip()
-        visible = len(full)
-        stops = seq.request.sampling.stop
-        if stops:
-            start = max(0, seq.emitted - max(len(s) for s in stops))
-            hits = [i for i in (full.find(s, start) for s in stops) if i >= 0]
-            if hits:
-                finish, visible = FINISH_STOP, min(hits)
-        if finish is None:
-            visible = len(full.rstrip("\ufffd"))  # an incomplete UTF-8 character
-            visible -= _held_back(full[:visible], stops)
-        delta = full[seq.emitted:visible] if visible > seq.emitted else ""
-        seq.emitted += len(delta)
+            delta, stopped = seq.detokenizer.add(token, final=finish is not None)
+        if stopped:
+            finish = FINISH_STOP
         if finish is not None:
             seq.finish_reason = finish
         else:
@@ -345,13 +340,3 @@ def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that begins some stop sequence (it may yet become one)."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
