@@ -372,8 +372,6 @@ def _cmd_serve(args) -> int:
     from serve.app import run_serve
 
     model = _one_of(args.model, args.model_positional, "the packed model (--model)")
-    if model is None:
-        raise ValueError("give the packed model folder to serve: --model FOLDER")
     run_serve(model, config_path=args.config, address=args.address, host=args.host, port=args.port)
     return 0
 
@@ -381,7 +379,7 @@ def _cmd_serve(args) -> int:
 def _add_serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible Ray Serve endpoint for a packed model (Ctrl-C stops it)")
     serve.add_argument("--model", default=None,
-                       help="packed model folder (bitllava pack) or s3:// URI; replaces the config's args.model")
+                       help="packed model folder (bitllava pack) or s3:// URI (default: the config's args.model)")
     serve.add_argument("model_positional", nargs="?", default=None, help=argparse.SUPPRESS)  # older: serve FOLDER
     serve.add_argument("--config", default=None,
                        help="Serve config file (default: the packaged serve/serve.yaml): args, replicas, "

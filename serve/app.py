@@ -5,7 +5,7 @@
 A Serve config file (serve/serve.yaml, or a KubeRay RayService's serveConfigV2) names
 `import_path: serve.app:build_app`, passes `args` (validated by `serve.settings.ServeSettings`)
 and holds each deployment's replicas, autoscaling_config, max_ongoing_requests and resources;
-`serve deploy serve.yaml` and `serve run serve.yaml` use it as is. `bitllava serve PACKED_MODEL`
+`serve deploy serve.yaml` and `serve run serve.yaml` use it as is. `bitllava serve --model PACKED_MODEL`
 reads the same file, puts PACKED_MODEL into args.model, applies the deployments' settings with
 `.options()` and runs the app with `serve.run`.
 """
@@ -91,11 +91,13 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_serve(model: str, config_path: str | None = None, address: str | None = None, host: str | None = None,
+def run_serve(model: str | None, config_path: str | None = None, address: str | None = None, host: str | None = None,
               port: int | None = None, wait: bool = True) -> dict:
     """Run the app from a Serve config file on a Ray cluster (a new local one unless `address`).
 
-    Blocks until Ctrl-C when `wait`; returns {"url", "model_name", "application"}.
+    `model` replaces the config's `args.model`; without it the config's is used. A local path is relative
+    to the working directory (made absolute here: replicas run elsewhere). Blocks until Ctrl-C when
+    `wait`; returns {"url", "model_name", "application"}.
     """
     import ray
     from ray import serve
@@ -104,6 +106,9 @@ def run_serve(model: str, config_path: str | None = None, address: str | None = 
     config = load_serve_config(config_path)
     app_config = config["application"]
     args = dict(app_config.get("args") or {})
+    model = model or args.get("model")
+    if not model:
+        raise ValueError(f"no model to serve: give --model PACKED_FOLDER (or args.model in {config_path})")
     args["model"] = model if "://" in model else os.path.abspath(model)
     settings = ServeSettings.from_args(args)
     if "://" not in model:

@@ -34,6 +34,16 @@ def test_serve_refuses_a_folder_that_is_not_a_packed_model(tmp_path):
     assert proc.returncode == 2 and "exactly one application" in proc.stderr
 
 
+def test_serve_reads_the_configs_model_relative_to_the_working_directory(tmp_path):
+    """Without --model the Serve config's args.model is served; a relative one means the user's folder."""
+    config = yaml.safe_load(open(default_config_path()))
+    config["applications"][0]["args"]["model"] = "packed"
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([BIN, "serve", "--config", "serve.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and str(tmp_path / "packed") in proc.stderr, proc.stderr
+
+
 @pytest.mark.slow
 def test_bitllava_serve_until_ctrl_c(tmp_path):
     packed = tmp_path / "packed"
