@@ -38,13 +38,7 @@ def quiet_console(verbose: bool) -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     if not sys.stderr.isatty():  # progress bars redrawn into a log file are pages of lines
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        try:
-            from ray.data import DataContext
-
-            DataContext.get_current().enable_progress_bars = False
-        except ImportError:
-            pass
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # read when Ray Data's context is made
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     quiet_worker_logs()

@@ -27,19 +27,14 @@ def local_paths(values: list[str] | None) -> list[str] | None:
     return None if values is None else [local_path(v) for v in values]
 
 
-def looks_like_hub_id(value: str) -> bool:
-    """'owner/name' that is not a local path: no leading '.', '/' or '~', exactly one '/'."""
-    return not value.startswith((".", "/", "~")) and value.count("/") == 1 and not is_uri(value)
-
-
 def model_ref(value: str | None) -> str | None:
     """A model given as a local folder or a Hugging Face hub id: an existing local path (or anything that
     cannot be a hub id) becomes absolute; an 'owner/name' with no such local folder stays a hub id."""
-    if value is None or is_uri(value):
+    from model.checkpoint import is_hub_id  # the loader's own rule
+
+    if value is None or is_uri(value) or is_hub_id(value):
         return value
-    if os.path.exists(os.path.expanduser(value)) or not looks_like_hub_id(value):
-        return local_path(value)
-    return value
+    return local_path(value)
 
 
 def tracking_uri(value: str | None) -> str | None:

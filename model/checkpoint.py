@@ -41,11 +41,17 @@ class LoadedModel:
         return isinstance(self.model, BitLlavaForConditionalGeneration)
 
 
+def is_hub_id(value: str) -> bool:
+    """'owner/name' that names no local path: no leading '.', '/' or '~', exactly one '/', not a URI."""
+    return (not os.path.exists(os.path.expanduser(value)) and not value.startswith((".", "/", "~"))
+            and value.count("/") == 1 and "://" not in value)
+
+
 def resolve_model_dir(path_or_hub_id: str) -> str:
     """A local folder as is; otherwise a Hugging Face hub id, downloaded to the local cache."""
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
-    if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/")) or path_or_hub_id.count("/") != 1:
+    if not is_hub_id(path_or_hub_id):
         raise ValueError(f"{path_or_hub_id!r} is not a model folder (and not an 'owner/name' hub id)")
     from huggingface_hub import snapshot_download
 
@@ -149,12 +155,16 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     model.load_state_dict(state, strict=True)
 
 
-def _read_config(folder: str) -> dict:
+def read_config(folder: str) -> dict:
+    """A model folder's config.json; a missing or unreadable one is a ValueError naming the folder."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{folder} is not a model folder: no config.json")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as err:
+            raise ValueError(f"{folder} is not a model folder: config.json is not JSON ({err})") from err
 
 
 def _published_tokenizer(folder: str, config: OLMoBitNetConfig) -> PreTrainedTokenizerFast:
@@ -169,7 +179,7 @@ def _published_tokenizer(folder: str, config: OLMoBitNetConfig) -> PreTrainedTok
 def load_model(path_or_hub_id: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load any supported model folder (or hub id) in eval mode."""
     folder = resolve_model_dir(path_or_hub_id)
-    raw = _read_config(folder)
+    raw = read_config(folder)
     model_type = raw.get("model_type")
     if model_type == "bitllava":
         config = BitLlavaConfig.from_dict(raw)
@@ -204,7 +214,7 @@ def load_vision_tower(folder: str):
     from safetensors import safe_open
     from transformers import CLIPVisionModel
 
-    raw = _read_config(folder)
+    raw = read_config(folder)
     if raw.get("model_type") != "bitllava":
         raise ValueError(f"{folder} is not a multimodal bitllava model folder")
     config = BitLlavaConfig.from_dict(raw)

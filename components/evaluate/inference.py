@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from model.chat import user_turn
-from model.checkpoint import LoadedModel
+from model.checkpoint import LoadedModel, is_hub_id
 from model.conversation import prompt_ids
 from model.loading import is_packed_folder, load_any_model  # noqa: F401  (is_packed_folder: re-exported)
 from model.vision import preprocess_images
@@ -36,7 +36,7 @@ def model_location(path: str) -> str:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path} is not a model folder: no config.json")
         return os.path.abspath(path)
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+    if not is_hub_id(path):
         raise ValueError(f"{path!r} is not a model folder (and not an 'owner/name' hub id)")
     return path
 

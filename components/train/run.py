@@ -28,21 +28,15 @@ def final_model_dir(cfg: TrainConfig) -> str:
 
 def check_init_model(init: str) -> None:
     """`init` must be a multimodal bitllava model folder with weights (what `bitllava model init` writes)."""
-    import json
+    from model.checkpoint import WEIGHT_FILES, read_config
 
     hint = "run `bitllava model init` (or the align phase, for instruct)"
-    config_path = os.path.join(init, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"--init {init} is not a model folder: no config.json there; {hint}")
     try:
-        with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--init {init}: cannot read config.json ({err})") from err
+        model_type = read_config(init).get("model_type")
+    except ValueError as err:  # no config.json, or not JSON
+        raise ValueError(f"--init {err}; {hint}") from err
     if model_type != "bitllava":
         raise ValueError(f"--init {init} holds a {model_type!r} model, not a multimodal bitllava model; {hint}")
-    from model.checkpoint import WEIGHT_FILES
-
     if not any(os.path.isfile(os.path.join(init, name)) for name in WEIGHT_FILES):
         raise ValueError(f"--init {init} holds no weights (looked for {', '.join(WEIGHT_FILES)})")
 
