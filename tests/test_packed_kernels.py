@@ -187,7 +187,7 @@ def test_reference_path_when_the_kernel_is_disabled(tmp_path):
 def test_build_failure_falls_back_with_the_reason(tmp_path, monkeypatch, caplog):
     broken = tmp_path / "ternary_cpu.cpp"
     broken.write_text("#error this source does not compile\n")
-    monkeypatch.setattr(cpu_kernels, "SOURCE", str(broken))
+    monkeypatch.setattr(cpu_kernels, "SOURCES", [str(broken)])
     monkeypatch.setenv("BITLLAVA_KERNEL_CACHE", str(tmp_path / "cache"))
     cpu_kernels.load_cpu_kernels.cache_clear()
     try:

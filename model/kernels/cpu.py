@@ -1,4 +1,9 @@
-"""The AVX2 CPU kernels (`ternary_cpu.cpp`), compiled on first use and cached.
+"""The CPU kernels (`ternary_cpu.cpp`, `ternary_gemm.cpp`), compiled on first use and cached.
+
+Two kernels: the row kernel (AVX2) for decode-sized calls, and an int8 GEMM for calls of at least
+`gemm_min_rows` token rows, on the widest int8 dot product the CPU has: AVX-512 VNNI, AVX-VNNI,
+else AVX2. The path is chosen at run time from the CPU (`gemm_paths()`), or forced with
+`$BITLLAVA_CPU_GEMM` (a path name, or "rows" for the row kernel only); `kernel_info()` says which.
 
 Built with `torch.utils.cpp_extension.load` (ninja, the system C++ compiler, OpenMP through
 PyTorch's runtime), as DeepSpeed builds its ops: the first call compiles for about a
@@ -24,8 +29,11 @@ from types import ModuleType
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ternary_cpu.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(_HERE, name) for name in ("ternary_cpu.cpp", "ternary_gemm.cpp")]
+HEADERS = [os.path.join(_HERE, "ternary_gemm.h")]
 _failure: str | None = None
+GEMM_ENV = "BITLLAVA_CPU_GEMM"
 
 
 def cache_root() -> str:
@@ -44,8 +52,11 @@ def cpu_supports_avx2() -> bool:
 
 def _build_name_and_dir() -> tuple[str, str]:
     """A module name and folder unique to the source and torch version (no clash between versions)."""
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    sha = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        with open(path, "rb") as f:
+            sha.update(f.read())
+    digest = sha.hexdigest()[:12]
     tag = torch.__version__.replace("+", "_").replace(".", "_")
     return f"bitllava_ternary_cpu_{digest}", os.path.join(cache_root(), f"ternary_cpu-{digest}-torch{tag}")
 
@@ -74,10 +85,12 @@ def load_cpu_kernels() -> ModuleType | None:
         _ninja_on_path()
         name, build_dir = _build_name_and_dir()
         os.makedirs(build_dir, exist_ok=True)
-        return load(
+        module = load(
             name=name,
-            sources=[SOURCE],
+            sources=SOURCES,
             build_directory=build_dir,
+            # the baseline is AVX2; the AVX-512 VNNI and AVX-VNNI GEMM paths carry their own target
+            # flags (GCC target pragmas in ternary_gemm.cpp) and run only where the CPU has them
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -86,6 +99,30 @@ def load_cpu_kernels() -> ModuleType | None:
         _failure = f"build failed: {type(err).__name__}: {str(err).strip()[-2000:]}"
         log.warning("packed ternary CPU kernel unavailable (%s); using the PyTorch reference path", _failure)
         return None
+    _apply_gemm_choice(module)
+    return module
+
+
+def _apply_gemm_choice(module: ModuleType) -> None:
+    """$BITLLAVA_CPU_GEMM: "auto" (the widest path the CPU has), a path name, or "rows" (no GEMM path)."""
+    choice = os.environ.get(GEMM_ENV, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return
+    if choice == "rows":
+        module.set_gemm_min_rows(2**62)
+        return
+    if choice not in module.gemm_paths():
+        raise ValueError(f"{GEMM_ENV}={choice!r}: this CPU can run {module.gemm_paths()} (or 'rows', 'auto')")
+    module.set_gemm_path(choice)
+
+
+def kernel_info() -> dict:
+    """What the CPU kernel runs here: the GEMM path for M >= gemm_min_rows, the paths the CPU has."""
+    module = load_cpu_kernels()
+    if module is None:
+        return {"cpu_kernel": None, "reason": cpu_kernel_failure()}
+    return {"cpu_kernel": "avx2", "gemm_path": module.gemm_path(), "gemm_paths": list(module.gemm_paths()),
+            "gemm_min_rows": int(module.gemm_min_rows())}
 
 
 def cpu_kernel_failure() -> str | None:

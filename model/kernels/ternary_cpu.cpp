@@ -24,6 +24,8 @@
 #include <cstring>
 #include <vector>
 
+#include "ternary_gemm.h"
+
 namespace {
 
 constexpr int64_t kBlock = 128;      // codes per block
@@ -129,6 +131,18 @@ void check_common(const torch::Tensor& x, const torch::Tensor& x_scale, const to
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be a contiguous 2-D tensor");
 }
 
+// The int8 GEMM path (ternary_gemm.cpp) takes calls of at least `g_gemm_min_rows` token rows, on
+// the widest path this CPU has; below that the row kernel here is faster (it reads the packed
+// weights once per 4 tokens without unpacking them to memory). Tests force each path.
+bitllava::GemmPath default_gemm_path() {
+  bitllava::GemmPath path = bitllava::GemmPath::kAvx2;
+  const auto paths = bitllava::gemm_paths_available();
+  if (!paths.empty()) bitllava::gemm_path_from_name(paths.front(), &path);
+  return path;
+}
+bitllava::GemmPath g_gemm_path = default_gemm_path();
+int64_t g_gemm_min_rows = 8;
+
 // y[m, n] = (sum_k code[n, k] * x[m, k]) / (x_scale[m] * w_scale) into y (M, N) float32.
 // x: int8 (M, Kp), Kp % 128 == 0, zero past the true K; w: N rows of Kp / 4 bytes (2-bit layout).
 void ternary_gemm(const int8_t* xp, const float* sp, int64_t M, int64_t kp, const uint8_t* wp, int64_t N,
@@ -136,11 +150,16 @@ void ternary_gemm(const int8_t* xp, const float* sp, int64_t M, int64_t kp, cons
   const int64_t row_bytes = kp / 4;
   std::vector<int32_t> xsum(M);
   std::vector<float> denom(M);
+#pragma omp parallel for schedule(static) if (M * kp >= (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
     int32_t s = 0;
     for (int64_t k = 0; k < kp; ++k) s += xp[m * kp + k];
     xsum[m] = s;
     denom[m] = sp[m] * ws;  // the same float32 product as the reference's s_x * s_w
+  }
+  if (M >= g_gemm_min_rows) {
+    bitllava::ternary_gemm_int8(g_gemm_path, xp, M, kp, wp, N, xsum.data(), denom.data(), yp);
+    return;
   }
 
   // Chunks of rows go to threads; within a chunk, tokens go in groups of up to 4, so the chunk's
@@ -176,6 +195,7 @@ inline T from_f(float v) { return static_cast<T>(v); }  // c10::BFloat16 rounds 
 
 template <typename T>
 void quantize_rows(const T* xn, int64_t M, int64_t K, int64_t kp, int8_t* xq, float* sx) {
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
     const T* row = xn + m * K;
     float amax = 0.f;
@@ -242,6 +262,7 @@ torch::Tensor rms_norm_rows(const torch::Tensor& x, double eps) {
   const T* xp = x.data_ptr<T>();
   auto squares = torch::empty({M, K}, x.options().dtype(torch::kFloat));
   float* sq = squares.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
   for (int64_t i = 0; i < M * K; ++i) {
     const float v = to_f(xp[i]);
     sq[i] = v * v;
@@ -251,6 +272,7 @@ torch::Tensor rms_norm_rows(const torch::Tensor& x, double eps) {
   auto out = torch::empty_like(x);
   T* op = out.data_ptr<T>();
   const float epsf = static_cast<float>(eps);
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
     const float r = 1.f / std::sqrt(su[m] / static_cast<float>(K) + epsf);
     for (int64_t k = 0; k < K; ++k) op[m * K + k] = from_f<T>(to_f(xp[m * K + k]) * r);
@@ -353,7 +375,33 @@ torch::Tensor bf16_head(torch::Tensor x, torch::Tensor w) {
   return head_impl<false>(x, w, nullptr);
 }
 
+std::vector<std::string> gemm_paths() { return bitllava::gemm_paths_available(); }
+
+std::string gemm_path() { return bitllava::gemm_path_name(g_gemm_path); }
+
+// Force one GEMM path (tests, benchmarks); a path this CPU lacks is refused, never run.
+void set_gemm_path(const std::string& name) {
+  bitllava::GemmPath path;
+  TORCH_CHECK(bitllava::gemm_path_from_name(name, &path), "unknown GEMM path '", name, "'");
+  const auto paths = bitllava::gemm_paths_available();
+  TORCH_CHECK(std::find(paths.begin(), paths.end(), name) != paths.end(), "this CPU cannot run the '", name,
+              "' GEMM path");
+  g_gemm_path = path;
+}
+
+int64_t gemm_min_rows() { return g_gemm_min_rows; }
+
+void set_gemm_min_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 1, "gemm_min_rows must be >= 1");
+  g_gemm_min_rows = rows;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemm_paths", &gemm_paths, "GEMM instruction paths this CPU can run, widest first");
+  m.def("gemm_path", &gemm_path, "the GEMM path in use");
+  m.def("set_gemm_path", &set_gemm_path, "use this GEMM path (one of gemm_paths())");
+  m.def("gemm_min_rows", &gemm_min_rows, "calls with at least this many token rows take the GEMM path");
+  m.def("set_gemm_min_rows", &set_gemm_min_rows, "set the row count from which the GEMM path is taken");
   m.def("ternary_linear", &ternary_linear, "packed 2-bit ternary x int8 activations -> float32 (AVX2)");
   m.def("ternary_linear_normed", &ternary_linear_normed, "quantise rms-normed activations + packed linear (AVX2)");
   m.def("ternary_linear_fused", &ternary_linear_fused, "rms_norm + int8 quantisation + packed linear (AVX2)");

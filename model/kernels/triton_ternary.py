@@ -47,7 +47,7 @@ def _ternary_linear_kernel(
             d = ((p >> (2 * s)) & 3) - 1  # (BLOCK_N, BLOCK_B * 32) codes in {-1, 0, 1}
             acc += tl.sum(d * xv[None, :], axis=1)
     denom = tl.load(xs_ptr + m) * w_scale
-    y = acc.to(tl.float32) / denom
+    y = tl.div_rn(acc.to(tl.float32), denom)  # IEEE division, as on CPU (Triton's `/` is approximate)
     tl.store(y_ptr + m * stride_ym + offs_n, y, mask=row_ok)
 
 

@@ -1,0 +1,320 @@
+// int8 GEMM for packed ternary weights at M > 1 (prefill, batched decode, evaluation batches).
+//
+// The decode kernel (ternary_cpu.cpp) unpacks every weight block again for each group of 4
+// tokens; at M = 600 that unpacking and its horizontal sums cost more than the multiplies. Here,
+// as in a BLIS-style GEMM, each thread unpacks a panel of P weight rows ONCE into a buffer that
+// stays in L2, laid out for the int8 dot-product instructions:
+//
+//   panel[kg * P + r] = the 4 digits (code + 1, in {0, 1, 2}) of row n0 + r at k = 4kg..4kg+3
+//
+// then sweeps all M token rows over it, MR rows at a time, with MR x P int32 accumulators in
+// registers. One `vpdpbusd` multiplies 4 unsigned digits by 4 signed int8 activations and adds
+// the 4 products into each int32 lane: digits are the unsigned operand and the activation word
+// x[m, 4kg..4kg+3] is broadcast as the signed one, so no sign handling is needed, and
+// sum_k code_k x_k = sum_k d_k x_k - sum_k x_k as in the decode kernel. Every product and sum
+// is exact in int32 (|sum| <= 2 * 128 * Kp), so y equals the reference bit for bit.
+//
+// Paths (chosen at run time, see gemm_paths_available):
+//   avx512_vnni: zmm vpdpbusd, P = 48 rows (3 registers of 16 lanes), MR = 8 tokens: 24 accumulators
+//   avx_vnni:    ymm vpdpbusd (VEX), P = 16 rows, MR = 6: 12 accumulators in the 16 ymm registers
+//   avx2:        ymm vpmaddubsw (pairs into int16, never saturating: |2 * 2 * 128| < 2^15) summed in
+//                int16 over 32 k-groups (|sum| <= 16384), then vpmaddwd into int32; P = 16, MR = 4
+//
+// Threads: OpenMP over panels, scheduled dynamically; each thread keeps its panel buffer.
+#include "ternary_gemm.h"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace bitllava {
+namespace {
+
+constexpr int64_t kBlock = 128;      // codes per packed block
+constexpr int64_t kBlockBytes = 32;  // bytes per packed block
+
+inline int32_t load_word(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Rows [n0, n0 + P) of w (rows at or past N left as zero digits) into the panel layout above.
+// A 2-bit block gives its digits in natural k order with one load, three shifts and four masks
+// (byte j holds codes j, j+32, j+64, j+96); the 4-byte words are then spread to stride P.
+void unpack_panel(const uint8_t* w, int64_t N, int64_t kp, int64_t n0, int P, uint8_t* panel, uint8_t* row) {
+  const int64_t groups = kp / 4, row_bytes = kp / 4, nb = kp / kBlock;
+  const __m256i mask = _mm256_set1_epi8(3);
+  uint32_t* out = reinterpret_cast<uint32_t*>(panel);
+  for (int r = 0; r < P; ++r) {
+    const int64_t n = n0 + r;
+    if (n >= N) {
+      for (int64_t g = 0; g < groups; ++g) out[g * P + r] = 0;
+      continue;
+    }
+    const uint8_t* src = w + n * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b * kBlockBytes));
+      __m256i* dst = reinterpret_cast<__m256i*>(row + b * kBlock);
+      _mm256_storeu_si256(dst + 0, _mm256_and_si256(p, mask));
+      _mm256_storeu_si256(dst + 1, _mm256_and_si256(_mm256_srli_epi16(p, 2), mask));
+      _mm256_storeu_si256(dst + 2, _mm256_and_si256(_mm256_srli_epi16(p, 4), mask));
+      _mm256_storeu_si256(dst + 3, _mm256_and_si256(_mm256_srli_epi16(p, 6), mask));
+    }
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(row);
+    for (int64_t g = 0; g < groups; ++g) out[g * P + r] = words[g];
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+constexpr int kP512 = 48, kMR512 = 8;
+
+// acc += dot4(u8 digits, s8 activations) in place. Through asm because GCC 12 otherwise copies
+// every accumulator of the tile to another register and back around each vpdpbusd (2 moves per
+// multiply, measured at 40% of the instruction's peak on Zen 4).
+inline __m512i dpbusd512(__m512i acc, __m512i digits, __m512i x) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(digits), "v"(x));
+  return acc;
+}
+
+template <int MR>
+void tile_avx512_vnni(const uint8_t* panel, const int8_t* x, int64_t kp, const int32_t* xsum, const float* denom,
+                      float* y, int64_t ldy, int64_t valid) {
+  __m512i acc[MR][3];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int64_t groups = kp / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* pg = panel + g * kP512 * 4;
+    const __m512i b0 = _mm512_loadu_si512(pg), b1 = _mm512_loadu_si512(pg + 64), b2 = _mm512_loadu_si512(pg + 128);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_set1_epi32(load_word(x + i * kp + g * 4));
+      acc[i][0] = dpbusd512(acc[i][0], b0, a);
+      acc[i][1] = dpbusd512(acc[i][1], b1, a);
+      acc[i][2] = dpbusd512(acc[i][2], b2, a);
+    }
+  }
+  // through memory: indexing the accumulators in a loop with an early exit would make GCC keep
+  // them on the stack inside the k loop
+  alignas(64) int32_t dots[MR][kP512];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 3; ++j) _mm512_store_si512(dots[i] + j * 16, acc[i][j]);
+  for (int i = 0; i < MR; ++i) {
+    const __m512i xs = _mm512_set1_epi32(xsum[i]);
+    const __m512 dn = _mm512_set1_ps(denom[i]);
+    for (int j = 0; j < 3; ++j) {
+      const int64_t left = valid - j * 16;
+      if (left <= 0) break;
+      const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512i d = _mm512_load_si512(dots[i] + j * 16);
+      const __m512 v = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, xs)), dn);
+      _mm512_mask_storeu_ps(y + i * ldy + j * 16, keep, v);
+    }
+  }
+}
+
+void panel_rows_avx512_vnni(const uint8_t* panel, const int8_t* x, int64_t M, int64_t kp, const int32_t* xsum,
+                            const float* denom, float* y, int64_t N, int64_t valid) {
+  int64_t m = 0;
+  for (; m + kMR512 <= M; m += kMR512)
+    tile_avx512_vnni<kMR512>(panel, x + m * kp, kp, xsum + m, denom + m, y + m * N, N, valid);
+  const int64_t rest = M - m;
+  const int8_t* xm = x + m * kp;
+  float* ym = y + m * N;
+  switch (rest) {
+    case 1: tile_avx512_vnni<1>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 2: tile_avx512_vnni<2>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 3: tile_avx512_vnni<3>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 4: tile_avx512_vnni<4>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 5: tile_avx512_vnni<5>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 6: tile_avx512_vnni<6>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 7: tile_avx512_vnni<7>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    default: break;
+  }
+}
+
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX-VNNI and AVX2 (ymm)
+constexpr int kP256 = 16;
+
+// Epilogue of a ymm tile row: y[0, valid) = float(dots - xsum) / denom, masked past `valid`.
+inline void store_row_256(const int32_t* dots, int32_t xsum, float denom, float* y, int64_t valid) {
+  const __m256i xs = _mm256_set1_epi32(xsum);
+  const __m256 dn = _mm256_set1_ps(denom);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int j = 0; j < 2; ++j) {
+    const int64_t left = valid - j * 8;
+    if (left <= 0) break;
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + j * 8));
+    const __m256 v = _mm256_div_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, xs)), dn);
+    if (left >= 8) {
+      _mm256_storeu_ps(y + j * 8, v);
+    } else {
+      const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lane);
+      _mm256_maskstore_ps(y + j * 8, keep, v);
+    }
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+
+constexpr int kMRVnni256 = 6;
+
+inline __m256i dpbusd256(__m256i acc, __m256i digits, __m256i x) {  // as dpbusd512 (VEX encoding)
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(digits), "x"(x));
+  return acc;
+}
+
+template <int MR>
+void tile_avx_vnni(const uint8_t* panel, const int8_t* x, int64_t kp, const int32_t* xsum, const float* denom,
+                   float* y, int64_t ldy, int64_t valid) {
+  __m256i acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const int64_t groups = kp / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* pg = panel + g * kP256 * 4;
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + 32));
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a = _mm256_set1_epi32(load_word(x + i * kp + g * 4));
+      acc[i][0] = dpbusd256(acc[i][0], b0, a);
+      acc[i][1] = dpbusd256(acc[i][1], b1, a);
+    }
+  }
+  alignas(32) int32_t dots[MR][kP256];  // through memory, as in tile_avx512_vnni
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(dots[i] + j * 8), acc[i][j]);
+  for (int i = 0; i < MR; ++i) store_row_256(dots[i], xsum[i], denom[i], y + i * ldy, valid);
+}
+
+void panel_rows_avx_vnni(const uint8_t* panel, const int8_t* x, int64_t M, int64_t kp, const int32_t* xsum,
+                         const float* denom, float* y, int64_t N, int64_t valid) {
+  int64_t m = 0;
+  for (; m + kMRVnni256 <= M; m += kMRVnni256)
+    tile_avx_vnni<kMRVnni256>(panel, x + m * kp, kp, xsum + m, denom + m, y + m * N, N, valid);
+  const int8_t* xm = x + m * kp;
+  float* ym = y + m * N;
+  switch (M - m) {
+    case 1: tile_avx_vnni<1>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 2: tile_avx_vnni<2>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 3: tile_avx_vnni<3>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 4: tile_avx_vnni<4>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 5: tile_avx_vnni<5>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    default: break;
+  }
+}
+
+#pragma GCC pop_options
+
+constexpr int kMRAvx2 = 4;
+constexpr int64_t kInt16Groups = 32;  // k-groups summed in int16 before widening (|sum| <= 32 * 512)
+
+template <int MR>
+void tile_avx2(const uint8_t* panel, const int8_t* x, int64_t kp, const int32_t* xsum, const float* denom,
+               float* y, int64_t ldy, int64_t valid) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const int64_t groups = kp / 4;
+  for (int64_t g0 = 0; g0 < groups; g0 += kInt16Groups) {
+    const int64_t g1 = std::min(groups, g0 + kInt16Groups);
+    __m256i part[MR][2];
+    for (int i = 0; i < MR; ++i) part[i][0] = part[i][1] = _mm256_setzero_si256();
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* pg = panel + g * kP256 * 4;
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + 32));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i a = _mm256_set1_epi32(load_word(x + i * kp + g * 4));
+        part[i][0] = _mm256_add_epi16(part[i][0], _mm256_maddubs_epi16(b0, a));
+        part[i][1] = _mm256_add_epi16(part[i][1], _mm256_maddubs_epi16(b1, a));
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 2; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(part[i][j], ones));
+  }
+  alignas(32) int32_t dots[MR][kP256];  // through memory, as in tile_avx512_vnni
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(dots[i] + j * 8), acc[i][j]);
+  for (int i = 0; i < MR; ++i) store_row_256(dots[i], xsum[i], denom[i], y + i * ldy, valid);
+}
+
+void panel_rows_avx2(const uint8_t* panel, const int8_t* x, int64_t M, int64_t kp, const int32_t* xsum,
+                     const float* denom, float* y, int64_t N, int64_t valid) {
+  int64_t m = 0;
+  for (; m + kMRAvx2 <= M; m += kMRAvx2)
+    tile_avx2<kMRAvx2>(panel, x + m * kp, kp, xsum + m, denom + m, y + m * N, N, valid);
+  const int8_t* xm = x + m * kp;
+  float* ym = y + m * N;
+  switch (M - m) {
+    case 1: tile_avx2<1>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 2: tile_avx2<2>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    case 3: tile_avx2<3>(panel, xm, kp, xsum + m, denom + m, ym, N, valid); break;
+    default: break;
+  }
+}
+
+using PanelRows = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, const int32_t*, const float*, float*,
+                           int64_t, int64_t);
+
+}  // namespace
+
+std::vector<std::string> gemm_paths_available() {
+  // __builtin_cpu_supports reads CPUID and the OS's enabled register state (XCR0) of the machine it runs on
+  std::vector<std::string> paths;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni"))
+    paths.emplace_back("avx512_vnni");
+  if (__builtin_cpu_supports("avxvnni") && __builtin_cpu_supports("avx2")) paths.emplace_back("avx_vnni");
+  if (__builtin_cpu_supports("avx2")) paths.emplace_back("avx2");
+  return paths;
+}
+
+bool gemm_path_from_name(const std::string& name, GemmPath* path) {
+  if (name == "avx512_vnni") *path = GemmPath::kAvx512Vnni;
+  else if (name == "avx_vnni") *path = GemmPath::kAvxVnni;
+  else if (name == "avx2") *path = GemmPath::kAvx2;
+  else return false;
+  return true;
+}
+
+const char* gemm_path_name(GemmPath path) {
+  switch (path) {
+    case GemmPath::kAvx512Vnni: return "avx512_vnni";
+    case GemmPath::kAvxVnni: return "avx_vnni";
+    default: return "avx2";
+  }
+}
+
+void ternary_gemm_int8(GemmPath path, const int8_t* x, int64_t M, int64_t kp, const uint8_t* w, int64_t N,
+                       const int32_t* xsum, const float* denom, float* y) {
+  const int P = path == GemmPath::kAvx512Vnni ? kP512 : kP256;
+  const PanelRows rows = path == GemmPath::kAvx512Vnni ? panel_rows_avx512_vnni
+                         : path == GemmPath::kAvxVnni  ? panel_rows_avx_vnni
+                                                       : panel_rows_avx2;
+  const int64_t panels = (N + P - 1) / P;
+  // threads only when the work pays for starting them (about 1 M multiply-adds per panel sweep)
+  const bool threads = panels > 1 && M * kp * P >= (int64_t(1) << 20);
+#pragma omp parallel if (threads)
+  {
+    static thread_local std::vector<uint8_t> panel, row;  // per OpenMP thread, reused across calls
+    panel.resize(static_cast<size_t>(P) * kp);
+    row.resize(static_cast<size_t>(kp));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * P;
+      unpack_panel(w, N, kp, n0, P, panel.data(), row.data());
+      rows(panel.data(), x, M, kp, xsum, denom, y + n0, N, std::min<int64_t>(P, N - n0));
+    }
+  }
+}
+
+}  // namespace bitllava
