@@ -1,4 +1,5 @@
-# make setup: .venv with the project at the locked versions (requirements.lock; CPU torch 2.13.0)
+# make setup: .venv with the project at the locked versions (requirements.lock; CPU torch 2.13.0),
+#             and Debian's chromium for the chat page's browser test (make browser)
 # make test:  setup if needed, then the test suite (slow end-to-end tests included)
 # make demo:  setup if needed, then the demo on embedded defaults (see README)
 # make bench: every benchmark, results in benchmarks/results.{json,md}
@@ -10,9 +11,23 @@ STAMP := $(VENV)/.bitllava-installed
 LOCK := requirements.lock
 LOCK_VENV := .lock-venv
 
-.PHONY: setup test test-fast demo bench lock clean
+CHROMIUM := /usr/bin/chromium
+APT_CHROMIUM := env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-setup: $(STAMP)
+.PHONY: setup browser test test-fast demo bench lock clean
+
+setup: $(STAMP) browser
+
+# Debian's chromium, which tests/test_chat_page.py drives through Playwright: a no-op when it is there;
+# else installed as root or through sudo (apt-get update only when the package lists lack it).
+browser:
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
+	else echo "make browser: $(CHROMIUM) is missing and this user is neither root nor has sudo; as root, run" \
+	  "'apt-get install --no-install-recommends chromium' (tests/test_chat_page.py needs it)" >&2; exit 0; fi; \
+	echo "make browser: installing Debian's chromium for the chat page's browser test"; \
+	$$sudo $(APT_CHROMIUM) || { $$sudo apt-get update -qq && $$sudo $(APT_CHROMIUM); }
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	python3 -m venv $(VENV)

@@ -220,7 +220,7 @@ class BatchEngine:
         kwargs = {}
         pixels = [s.request.pixel_values for s in seqs if s.request.pixel_values is not None]
         if pixels:
-            kwargs["pixel_values"] = torch.cat(pixels).to(device, self.model.dtype)  # (N images, 3, S, S)
+            kwargs["pixel_values"] = torch.cat(pixels).to(device)  # (N images, 3, S, S); the tower casts to its dtype
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                          use_cache=True, logits_to_keep=1, **kwargs)
         return out.cache, mask.to(device), out.logits[:, -1]  # logits (n, V)

@@ -4,7 +4,8 @@ Routes:
 - `POST /v1/chat/completions`: OpenAI chat completions, text and `image_url` parts, `stream: true`
   as server-sent events (`data: {chunk}` ... `data: [DONE]`);
 - `GET /v1/models`, `GET /v1/models/{id}`: the one served model;
-- `GET /health`: the ingress is up (no auth); `GET /ready`: a model replica answers (no auth).
+- `GET /health`: the ingress is up (no auth); `GET /ready`: a model replica answers (no auth);
+- `GET /`: the chat page (serve/static/, no auth): a browser client of `POST /v1/chat/completions`.
 
 Everything a request can get wrong is found here, before the model sees it: the API key, body size,
 JSON, fields, model name, messages, images (data URLs only unless allowlisted; bytes, pixels,
@@ -24,10 +25,12 @@ import json
 import logging
 import time
 import uuid
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -61,6 +64,7 @@ except ImportError:  # pragma: no cover - older Ray
 logger = logging.getLogger("ray.serve")
 
 CHAT_ROUTE = "/v1/chat/completions"
+STATIC = resources.files("serve") / "static"  # the chat page: index.html, chat.js, chat.css
 UPSTREAM_UNAVAILABLE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError,
                         RequestCancelledError)
 
@@ -394,5 +398,11 @@ def build_api(ingress: ChatIngress) -> FastAPI:
     @api.get("/ready")
     async def ready():
         return await ingress.ready()
+
+    @api.get("/")
+    async def chat_page():
+        return FileResponse(STATIC / "index.html")
+
+    api.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     return api

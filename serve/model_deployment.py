@@ -3,8 +3,10 @@
 One replica = one model + one `BatchEngine` driven by a loop on the replica's event loop: the
 engine's `step()` (the forward passes) runs on a dedicated thread, so the replica keeps accepting
 requests and streaming tokens while the model computes. The model is loaded and warmed up in
-`__init__` (kernels compiled or loaded, a batched multimodal generation run once), so a replica
-reports ready only when its first request will be fast.
+`__init__` (kernels compiled or loaded, a batched multimodal generation run once on the engine's
+thread), so a replica reports ready only when its first request will be fast. It computes with as
+many threads as the CPUs it reserves (`ray_actor_options.num_cpus`, rounded up) unless
+`engine.torch_threads` says otherwise.
 
 Methods called by the ingress through a DeploymentHandle:
 - `generate_stream(request)`: async generator of `GenerationEvent`s (one per generated token);
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +30,7 @@ from ray import serve
 from model.chat import user_turn
 from model.conversation import prompt_ids
 from model.packed_checkpoint import load_packed
+from model.precision import resolve_dtypes, set_vision_dtype
 from model.vision import preprocess_images
 from serve.engine import BatchEngine, GenerationEvent, GenerationRequest, SamplingParams
 from serve.metrics import ModelMetrics
@@ -44,6 +48,18 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def replica_threads(torch_threads: int | None) -> int:
+    """engine.torch_threads, else the CPUs Ray reserved for this replica rounded up (0.5 CPU: 1 thread)."""
+    if torch_threads:
+        return torch_threads
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return torch.get_num_threads()  # the class used outside a Ray actor (scripts, tests): as torch has it
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, math.ceil(cpus - 1e-9))
+
+
 @serve.deployment(
     name="BitLlavaModel",
     ray_actor_options={"num_cpus": 1},
@@ -55,26 +71,31 @@ class BitLlavaModel:
     def __init__(self, model: str, engine: dict | None = None, cache_dir: str | None = None):
         started = time.perf_counter()
         settings = from_mapping(EngineSettings, engine, "args.engine")
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        threads = replica_threads(settings.torch_threads)
+        torch.set_num_threads(threads)
+        # the engine steps on this one thread: torch's and the kernels' OpenMP thread counts are per
+        # calling thread, so they are set there too, and the warm-up runs there (its thread pool warm)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitllava-engine",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
         folder = local_model_folder(model, cache_dir)
         device = _device(settings.device)
-        dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-        loaded = load_packed(folder, dtype=getattr(torch, dtype), backend=settings.backend, head=settings.head)
+        llm_dtype, vision_dtype = resolve_dtypes(settings.dtype, device)
+        loaded = load_packed(folder, dtype=llm_dtype, backend=settings.backend, head=settings.head)
+        set_vision_dtype(loaded.model, vision_dtype)
         loaded.model.to(device)
         self.loaded = loaded
         self.engine = BatchEngine(loaded.model, loaded.tokenizer, settings.max_batch_size,
                                   settings.max_prefill_tokens)
         self.batch_wait_s = settings.batch_wait_ms / 1000
         loaded_s = time.perf_counter() - started
-        self._warm_up()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitllava-engine")
+        self._executor.submit(self._warm_up).result()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.metrics = ModelMetrics()
         self._window_tokens, self._window_start = 0, time.monotonic()
-        logger.info("BitLlavaModel ready: %s (%s, %s, %d threads) loaded in %.1fs, warmed up in %.1fs", model,
-                    loaded.layout, dtype, torch.get_num_threads(), loaded_s,
+        towers = f", tower {str(vision_dtype).removeprefix('torch.')}" if loaded.multimodal else ""
+        logger.info("BitLlavaModel ready: %s (%s, %s%s, %d threads) loaded in %.1fs, warmed up in %.1fs", model,
+                    loaded.layout, str(llm_dtype).removeprefix("torch."), towers, threads, loaded_s,
                     time.perf_counter() - started - loaded_s)
 
     # ------------------------------------------------------------------ warm-up
@@ -184,8 +205,10 @@ class BitLlavaModel:
                 "queued_s": None if seq.first_token_at is None else seq.first_token_at - seq.submitted_at}
 
     async def ping(self) -> dict:
+        """Liveness and queue state, and the threads the engine thread computes with."""
+        threads = await asyncio.get_running_loop().run_in_executor(self._executor, torch.get_num_threads)
         return {"status": "ok", "waiting": self.engine.num_waiting, "running": self.engine.num_active,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "engine_threads": threads}
 
     def check_health(self) -> None:
         """Serve calls this periodically; a dead engine loop makes Serve replace the replica."""

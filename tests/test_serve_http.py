@@ -169,7 +169,7 @@ def api_app(cluster, packed_dir, image_server):
     })
     deployments = {
         "ChatIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-        "BitLlavaModel": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.5}},
+        "BitLlavaModel": {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 1.5}},
     }
     serve.run(make_app(settings, deployments), name="bitllava-api", route_prefix="/")
     app = App(cluster["url"], settings, image_server)
@@ -251,6 +251,14 @@ def test_streaming_with_the_openai_client_and_raw_sse(api_app, reference):
     events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == text
+
+
+def test_model_replica_computes_with_the_cpus_it_reserves(api_app):
+    # num_cpus 1.5 -> 2 threads on the engine's own thread (Ray alone would give it 1 OpenMP thread)
+    from ray import serve
+
+    state = serve.get_deployment_handle("BitLlavaModel", app_name="bitllava-api").ping.remote().result(timeout_s=60)
+    assert state["engine_threads"] == 2
 
 
 def test_models_health_and_ready(api_app):

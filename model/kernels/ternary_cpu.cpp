@@ -141,7 +141,7 @@ bitllava::GemmPath default_gemm_path() {
   return path;
 }
 bitllava::GemmPath g_gemm_path = default_gemm_path();
-int64_t g_gemm_min_rows = 8;
+int64_t g_gemm_min_rows = 32;  // measured crossover at the 1b shapes (benchmarks/prefill.py notes)
 
 // y[m, n] = (sum_k code[n, k] * x[m, k]) / (x_scale[m] * w_scale) into y (M, N) float32.
 // x: int8 (M, Kp), Kp % 128 == 0, zero past the true K; w: N rows of Kp / 4 bytes (2-bit layout).

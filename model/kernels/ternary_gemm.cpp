@@ -5,12 +5,12 @@
 // as in a BLIS-style GEMM, each thread unpacks a panel of P weight rows ONCE into a buffer that
 // stays in L2, laid out for the int8 dot-product instructions:
 //
-//   panel[kg * P + r] = the 4 digits (code + 1, in {0, 1, 2}) of row n0 + r at k = 4kg..4kg+3
+//   panel[g * P + r] = the 4 digits (code + 1, in {0, 1, 2}) of row n0 + r in k-group g
 //
 // then sweeps all M token rows over it, MR rows at a time, with MR x P int32 accumulators in
 // registers. One `vpdpbusd` multiplies 4 unsigned digits by 4 signed int8 activations and adds
 // the 4 products into each int32 lane: digits are the unsigned operand and the activation word
-// x[m, 4kg..4kg+3] is broadcast as the signed one, so no sign handling is needed, and
+// of group g (the same 4 k) is broadcast as the signed one, so no sign handling is needed, and
 // sum_k code_k x_k = sum_k d_k x_k - sum_k x_k as in the decode kernel. Every product and sum
 // is exact in int32 (|sum| <= 2 * 128 * Kp), so y equals the reference bit for bit.
 //
@@ -41,30 +41,50 @@ inline int32_t load_word(const int8_t* p) {
   return v;
 }
 
-// Rows [n0, n0 + P) of w (rows at or past N left as zero digits) into the panel layout above.
-// A 2-bit block gives its digits in natural k order with one load, three shifts and four masks
-// (byte j holds codes j, j+32, j+64, j+96); the 4-byte words are then spread to stride P.
-void unpack_panel(const uint8_t* w, int64_t N, int64_t kp, int64_t n0, int P, uint8_t* panel, uint8_t* row) {
-  const int64_t groups = kp / 4, row_bytes = kp / 4, nb = kp / kBlock;
-  const __m256i mask = _mm256_set1_epi8(3);
+// The dot product is a sum over k, so any order of k taken by both operands gives it exactly.
+// The GEMM takes the packed layout's own order: group g (byte g of a row, in block b = g / 32 at
+// byte j = g % 32) holds codes 128b + j + 32s for s = 0..3 in bits 2s..2s+1. A weight word is then
+// one packed byte spread to 4 bytes (a 256-entry table), and the activations are put in the same
+// order once per call: x_perm[m, 4g + s] = x[m, 128b + j + 32s] (a 4 x 32 byte transpose per block).
+struct DigitTable {
+  uint32_t word[256];
+  DigitTable() {
+    for (int v = 0; v < 256; ++v)
+      word[v] = uint32_t(v & 3) | uint32_t((v >> 2) & 3) << 8 | uint32_t((v >> 4) & 3) << 16 | uint32_t(v >> 6) << 24;
+  }
+};
+const DigitTable kDigits;
+
+void permute_activations(const int8_t* x, int64_t M, int64_t kp, int8_t* out) {
+#pragma omp parallel for schedule(static) if (M * kp >= (1 << 16))
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* src = x + m * kp;
+    int8_t* dst = out + m * kp;
+    for (int64_t b = 0; b < kp / kBlock; ++b)
+      for (int j = 0; j < 32; ++j)
+        for (int s = 0; s < 4; ++s) dst[b * kBlock + 4 * j + s] = src[b * kBlock + 32 * s + j];
+  }
+}
+
+// Rows [n0, n0 + P) of w (rows at or past N left as zero digits) into the panel layout above, in
+// the permuted k order: panel[g * P + r] = digits of packed byte g of row n0 + r. A transpose,
+// done in tiles of 16 groups so that both sides stay in L1: each row is read 16 bytes at a time
+// and the tile's stores land in 16 * P words (rows 2 KB apart read column-wise would collide in
+// the cache's sets; writing a whole column per row would touch a new line per store).
+void unpack_panel(const uint8_t* w, int64_t N, int64_t kp, int64_t n0, int P, uint8_t* panel) {
+  constexpr int64_t kTile = 16;
+  const int64_t groups = kp / 4, row_bytes = kp / 4;
+  const int rows = static_cast<int>(std::min<int64_t>(P, N - n0));
+  const uint8_t* src = w + n0 * row_bytes;
   uint32_t* out = reinterpret_cast<uint32_t*>(panel);
-  for (int r = 0; r < P; ++r) {
-    const int64_t n = n0 + r;
-    if (n >= N) {
-      for (int64_t g = 0; g < groups; ++g) out[g * P + r] = 0;
-      continue;
+  for (int64_t g0 = 0; g0 < groups; g0 += kTile) {  // groups % 32 == 0
+    uint32_t* dst = out + g0 * P;
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* bytes = src + r * row_bytes + g0;
+      for (int64_t i = 0; i < kTile; ++i) dst[i * P + r] = kDigits.word[bytes[i]];
     }
-    const uint8_t* src = w + n * row_bytes;
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + b * kBlockBytes));
-      __m256i* dst = reinterpret_cast<__m256i*>(row + b * kBlock);
-      _mm256_storeu_si256(dst + 0, _mm256_and_si256(p, mask));
-      _mm256_storeu_si256(dst + 1, _mm256_and_si256(_mm256_srli_epi16(p, 2), mask));
-      _mm256_storeu_si256(dst + 2, _mm256_and_si256(_mm256_srli_epi16(p, 4), mask));
-      _mm256_storeu_si256(dst + 3, _mm256_and_si256(_mm256_srli_epi16(p, 6), mask));
-    }
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(row);
-    for (int64_t g = 0; g < groups; ++g) out[g * P + r] = words[g];
+    for (int r = rows; r < P; ++r)
+      for (int64_t i = 0; i < kTile; ++i) dst[i * P + r] = 0;
   }
 }
 
@@ -303,16 +323,17 @@ void ternary_gemm_int8(GemmPath path, const int8_t* x, int64_t M, int64_t kp, co
   const int64_t panels = (N + P - 1) / P;
   // threads only when the work pays for starting them (about 1 M multiply-adds per panel sweep)
   const bool threads = panels > 1 && M * kp * P >= (int64_t(1) << 20);
+  std::vector<int8_t> xperm(static_cast<size_t>(M * kp));
+  permute_activations(x, M, kp, xperm.data());
 #pragma omp parallel if (threads)
   {
-    static thread_local std::vector<uint8_t> panel, row;  // per OpenMP thread, reused across calls
+    static thread_local std::vector<uint8_t> panel;  // per OpenMP thread, reused across calls
     panel.resize(static_cast<size_t>(P) * kp);
-    row.resize(static_cast<size_t>(kp));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * P;
-      unpack_panel(w, N, kp, n0, P, panel.data(), row.data());
-      rows(panel.data(), x, M, kp, xsum, denom, y + n0, N, std::min<int64_t>(P, N - n0));
+      unpack_panel(w, N, kp, n0, P, panel.data());
+      rows(panel.data(), xperm.data(), M, kp, xsum, denom, y + n0, N, std::min<int64_t>(P, N - n0));
     }
   }
 }
