@@ -19,6 +19,7 @@ Usage: python benchmarks/prefill.py [--packed FOLDER] [--tokens 64 256 600] [--r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -29,8 +30,18 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import build_variant, pack_llm, rss_bytes  # noqa: E402  (the same variants and weights)
+
+def _decode_module():
+    """benchmarks/decode.py, loaded by file: this folder on sys.path would let serve.py shadow `serve`."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode.py")
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_decode = _decode_module()
+build_variant, pack_llm, rss_bytes = _decode.build_variant, _decode.pack_llm, _decode.rss_bytes  # same variants
 
 VARIANTS = ("packed", "dense_bf16", "dense_fp32")
 FEATURES = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
@@ -64,7 +75,8 @@ def run_worker(args) -> None:
     """Load one variant, then answer each line "M" on stdin with one timed prefill (a JSON line)."""
     model = build_variant(args.packed, args.variant).eval()
     generator = torch.Generator().manual_seed(0)
-    prompts = {m: torch.randint(2, 50000, (1, m), generator=generator) for m in args.tokens}
+    vocab = min(50000, model.config.vocab_size)
+    prompts = {m: torch.randint(2, vocab, (1, m), generator=generator) for m in args.tokens}
     for ids in prompts.values():
         prefill_once(model, ids[:, :8])  # warm-up: kernel load, thread pool, allocator
     print(json.dumps({"ready": True}), flush=True)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+DTYPES = ("auto", "bfloat16", "float32")  # the settings resolve_dtypes takes
 
 
 @functools.lru_cache(maxsize=1)

@@ -71,7 +71,8 @@ def _cmd_demo(args) -> int:
 def _cmd_eval_score(args) -> int:
     from components.evaluate.scoring import score_files
 
-    metrics = score_files(args.task, args.predictions, args.annotations, args.questions, args.allow_partial)
+    metrics = score_files(args.task, args.predictions, args.annotations, args.questions, args.allow_partial,
+                          ocr=args.ocr, test_questions=args.test_questions, protocol=args.protocol)
     print(json.dumps(metrics))
     return 0
 
@@ -87,36 +88,51 @@ def _cmd_eval_run(args) -> int:
 
 
 def _add_eval_parsers(sub) -> None:
-    from components.evaluate.datasets import TASKS as tasks
+    from components.evaluate.tasks import TASKS
 
-    group = sub.add_parser("eval", help="evaluate on POPE, VQAv2, TextVQA").add_subparsers(
+    tasks = tuple(TASKS)
+    per_task = "; ".join(f"{name}: {task.files}" for name, task in TASKS.items())
+    group = sub.add_parser("eval", help="evaluate on " + ", ".join(tasks) + " (LLaVA-1.5's protocols)").add_subparsers(
         dest="eval_command", required=True)
 
+    def add_files(parser, annotations_required: bool) -> None:
+        parser.add_argument("--task", required=True, choices=tasks)
+        parser.add_argument("--annotations", nargs="+", required=annotations_required,
+                            default=None if annotations_required else [],
+                            help="the task's ground-truth files in their published layout. " + per_task)
+        parser.add_argument("--questions", default=None,
+                            help="question file: VQAv2 v2_OpenEnded_mscoco_*_questions.json or LLaVA's "
+                                 "llava_vqav2_mscoco_test-dev2015.jsonl; LLaVA's question lines for POPE, TextVQA, GQA")
+        parser.add_argument("--ocr", default=None, help="TextVQA: TextVQA_Rosetta_OCR_v0.2_val.json (LLaVA-1.5 prompt)")
+        parser.add_argument("--test-questions", default=None,
+                            help="VQAv2 test-dev: the full test2015 list, so the EvalAI submission names every id")
+        parser.add_argument("--protocol", default=None,
+                            help="TextVQA: ocr (default: LLaVA-1.5's OCR-token prompt) or no-ocr")
+
     score = group.add_parser("score", help="score a result file in the official format; prints one JSON object")
-    score.add_argument("--task", required=True, choices=tasks)
+    add_files(score, annotations_required=True)
     score.add_argument("--predictions", required=True,
-                       help='POPE: JSON lines {"question_id", "text"[, "category"]}; '
-                            'VQAv2/TextVQA: JSON array [{"question_id", "answer"}]')
-    score.add_argument("--annotations", required=True, nargs="+",
-                       help="POPE: coco_pope_<split>.json files or their folder; VQAv2: v2_mscoco_*_annotations.json; "
-                            "TextVQA: TextVQA_0.5.1_val.json")
-    score.add_argument("--questions", default=None, help="VQAv2: v2_OpenEnded_mscoco_*_questions.json (cross-checked)")
+                       help="the result file (or folder) as `eval run` writes it, per task: " + "; ".join(
+                           f"{name}: {task.prediction_file}" for name, task in TASKS.items()))
     score.add_argument("--allow-partial", action="store_true",
                        help="score the answered questions when some have no prediction (coverage is reported)")
     score.set_defaults(func=_cmd_eval_score)
 
-    run = group.add_parser("run", help="batch inference with Ray Data, scoring, MLflow logging")
-    run.add_argument("--task", required=True, choices=tasks)
+    run = group.add_parser("run", help="batch inference with Ray Data, official result files, scoring, MLflow logging")
+    add_files(run, annotations_required=False)
     run.add_argument("--model", required=True, help="checkpoint folder, hub id or packed model folder")
-    run.add_argument("--annotations", nargs="+", default=[], help="as for `eval score`")
-    run.add_argument("--questions", default=None, help="VQAv2 questions file")
-    run.add_argument("--images", required=True, help="image folder, local or s3://bucket/prefix")
+    run.add_argument("--images", default=None,
+                     help="image folder, local or s3://bucket/prefix (" + "; ".join(
+                         f"{name}: {task.images or 'embedded, none'}" for name, task in TASKS.items()) + ")")
     run.add_argument("--out", dest="out_dir", required=True, help="output folder")
-    run.add_argument("--limit", type=int, default=None, help="first N questions of each split only")
+    run.add_argument("--limit", type=int, default=None,
+                     help="first N questions of each split only (MME image pairs and MMBench circular groups count once)")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--num-actors", type=int, default=1, help="model replicas (Ray actors)")
     run.add_argument("--cpus-per-actor", type=int, default=1)
     run.add_argument("--max-new-tokens", type=int, default=16)
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                     help="auto: the LLM in float32 on CPU, the vision tower in bf16 where the CPU has native bf16")
     run.add_argument("--address", dest="ray_address", default=None, help="Ray cluster address (default: local)")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")
@@ -254,12 +270,26 @@ def _cmd_train(args) -> int:
 
 def _cmd_runs_compare(args) -> int:
     from components import paths
-    from components.compare import compare_runs
+    from components.compare import compare_runs, format_csv, format_text, to_json
 
+    if args.width < 40:
+        raise ValueError(f"--width must be at least 40 columns, got {args.width}")
     report = compare_runs(args.run_ids, experiment=args.experiment, tracking_uri=paths.tracking_uri(args.tracking_uri),
-                          png=args.png)
-    print(report["table"])
-    print(f"loss curves: {report['png']}")
+                          png=args.png, all_params=args.all_params)
+    if args.json:
+        print(json.dumps(to_json(report), indent=1))
+    elif args.csv:
+        print(format_csv(report), end="")
+    else:
+        print(format_text(report, width=args.width, png=report["png"], curves=report["curves"]))
+    return 0
+
+
+def _cmd_runs_replay(args) -> int:
+    from components import paths
+    from components.tracking_outbox import replay
+
+    print(json.dumps(replay(args.file, tracking_uri=paths.tracking_uri(args.tracking_uri))))
     return 0
 
 
@@ -282,12 +312,27 @@ def _add_train_parsers(sub) -> None:
     train.set_defaults(func=_cmd_train)
 
     runs = sub.add_parser("runs", help="MLflow runs").add_subparsers(dest="runs_command", required=True)
-    compare = runs.add_parser("compare", help="table of runs (differing params, final metrics) + loss-curve PNG")
-    compare.add_argument("run_ids", nargs="*", help="run ids (default: every run of the experiment)")
+    from components.compare import DEFAULT_WIDTH  # stdlib imports only
+
+    compare = runs.add_parser("compare", help="pipeline runs with each eval task's headline metric next to the "
+                                                 "published numbers, training runs with the parameters that differ, "
+                                                 "+ loss-curve PNG")
+    compare.add_argument("run_ids", nargs="*", help="run ids, each with its nested runs (default: every run of the "
+                                                    "experiment)")
     compare.add_argument("--experiment", default="bitllava")
     compare.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
     compare.add_argument("--png", default="runs_compare.png", help="where to write the overlaid loss curves")
+    compare.add_argument("--all-params", action="store_true", help="also every parameter of every run")
+    machine = compare.add_mutually_exclusive_group()
+    machine.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    machine.add_argument("--csv", action="store_true", help="print one CSV row per run (and published reference)")
+    compare.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="widest line of the tables (columns)")
     compare.set_defaults(func=_cmd_runs_compare)
+    replay = runs.add_parser("replay", help="send the metrics, params, tags and final status a run could not log "
+                                            "(the tracking server was away) from the file it left")
+    replay.add_argument("file", help="the .jsonl file named in the run's log (<out>/mlflow-unsent/<run id>.jsonl)")
+    replay.add_argument("--tracking-uri", default=None, help="default: the server the run used (named in the file)")
+    replay.set_defaults(func=_cmd_runs_replay)
 
 
 def _cmd_run(args) -> int:

@@ -15,11 +15,12 @@ import os
 from dataclasses import dataclass, field
 
 from components import paths
+from components.evaluate.tasks import TASK_NAMES
 from components.yaml_fields import load_fields
 from serve.settings import from_mapping  # stdlib only: the one mapping -> dataclass check
 
 ROOT = paths.PROJECT_ROOT
-EVAL_TASKS = ("pope", "vqav2", "textvqa")
+EVAL_TASKS = TASK_NAMES
 ENCODINGS = ("pixels", "features")
 PACK_FORMATS = ("2bit", "1.6bit")
 
@@ -31,7 +32,9 @@ class DataSources:
     synth: generate data with `bitllava data synth` settings ({records, instruct_images, eval, corrupt}); or null.
     cc595k: {json, images} of LLaVA-CC3M-Pretrain-595K (used when synth is null).
     instruct: {json, images} of LLaVA-Instruct-150K (used when synth is null).
-    eval: {pope: {annotations: [...], images}, vqav2: {questions, annotations, images}, textvqa: {...}}.
+    eval: per task, the files `bitllava eval run` takes: {pope: {annotations: [...], images}, vqav2: {questions,
+      annotations, images}, textvqa: {annotations, ocr, images, protocol}, gqa / scienceqa / mme / seed / mmbench:
+      {annotations, ...}}; paths are resolved, `protocol` is a name.
     """
 
     synth: dict | None = None
@@ -48,8 +51,8 @@ class DataSources:
                 if set(src) != {"json", "images"}:
                     raise ValueError(f"data.{name} needs exactly `json` and `images`, got {sorted(src)}")
                 setattr(self, name, {k: paths.local_path(v) for k, v in src.items()})
-        self.eval = {task: {k: paths.local_paths(v) if isinstance(v, list) else paths.local_path(v)
-                            for k, v in files.items()} for task, files in self.eval.items()}
+        self.eval = {task: {k: v if k == "protocol" else paths.local_paths(v) if isinstance(v, list)
+                            else paths.local_path(v) for k, v in files.items()} for task, files in self.eval.items()}
 
 
 @dataclass
@@ -73,17 +76,26 @@ class PreprocessSettings:
 
 @dataclass
 class EvalSettings:
-    """tasks: of EVAL_TASKS. limit: first N questions per split. num_actors: model replicas. batch_size: per call."""
+    """tasks: of EVAL_TASKS. limit: first N questions per split. num_actors: model replicas. batch_size: per call.
+    protocols: prompt protocol per task that has several (e.g. {textvqa: no-ocr}); default: LLaVA-1.5's."""
 
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
     num_actors: int = 1
     batch_size: int = 8
+    protocols: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from components.evaluate.tasks import TASKS
+
         bad = [t for t in self.tasks if t not in EVAL_TASKS]
         if bad:
             raise ValueError(f"unknown eval tasks {bad}; choose from {EVAL_TASKS}")
+        for task, protocol in self.protocols.items():
+            choices = TASKS[task].protocols if task in TASKS else ()
+            if protocol not in choices:
+                raise ValueError(f"eval.protocols: {task!r} has no protocol {protocol!r}"
+                                 + (f"; choose one of {', '.join(choices)}" if choices else " (it has one prompt)"))
 
 
 @dataclass

@@ -124,15 +124,20 @@ def plan(cfg: PipelineConfig) -> dict:
 
 
 def eval_sources(cfg: PipelineConfig, synth: dict | None) -> dict:
+    """Each task's eval files ({annotations, questions, ocr, test_questions, protocol, images}): the generated sets
+    (`data synth`), else the config's `data.eval`."""
     if cfg.data.synth:
         ev = synth["eval"]
-        return {
+        sources = {
             "pope": {"annotations": [ev["pope"]["questions"][s] for s in ("random", "popular", "adversarial")],
                      "images": ev["pope"]["images"]},
             "vqav2": {"questions": ev["vqav2"]["questions"], "annotations": [ev["vqav2"]["annotations"]],
                       "images": ev["vqav2"]["images"]},
-            "textvqa": {"annotations": [ev["textvqa"]["annotations"]], "images": ev["textvqa"]["images"]},
+            "textvqa": {"annotations": [ev["textvqa"]["annotations"]], "ocr": ev["textvqa"].get("ocr"),
+                        "images": ev["textvqa"]["images"]},
         }
+        sources.update({t: ev[t] for t in ("gqa", "scienceqa", "mme", "seed", "mmbench") if t in ev})
+        return sources
     return cfg.data.eval
 
 
@@ -232,12 +237,17 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
     metrics = {}
     evals = eval_sources(cfg, synth)
     for task in cfg.eval.tasks:
-        src = evals[task]
+        if task not in evals:
+            raise ValueError(f"eval task {task!r} has no files: add them under data.eval.{task}")
+        src = dict(evals[task])
+        if task in cfg.eval.protocols:
+            src["protocol"] = cfg.eval.protocols[task]
         settings = {"limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size, "num_actors": cfg.eval.num_actors,
                     **src}
-        ecfg = EvalConfig(task=task, model=model_dir, images=src["images"], out_dir=storage.join(out, "eval", task),
-                          annotations=list(src.get("annotations", [])), questions=src.get("questions"),
-                          limit=settings["limit"], batch_size=settings["batch_size"],
+        ecfg = EvalConfig(task=task, model=model_dir, images=src.get("images"),
+                          out_dir=storage.join(out, "eval", task), annotations=list(src.get("annotations", [])),
+                          questions=src.get("questions"), ocr=src.get("ocr"), test_questions=src.get("test_questions"),
+                          protocol=src.get("protocol"), limit=settings["limit"], batch_size=settings["batch_size"],
                           num_actors=settings["num_actors"], tracking_uri=tracking_uri, experiment=experiment,
                           mlflow_parent_run_id=parent, run_name=f"eval-{task}")
         metrics[task] = steps.run(f"eval-{task}", settings, ["train-instruct"], lambda ecfg=ecfg: run_eval(ecfg))

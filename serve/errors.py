@@ -1,12 +1,14 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
 
 Every refusal of the ingress is an `APIError`; `error_response` turns one into the JSON response
-and `error_event` into the server-sent event a stream ends with.
+and `error_event` into the server-sent event a stream ends with. `overloaded` is the answer to a
+request Ray Serve refused for backpressure (the model deployment's `max_queued_requests`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from fastapi.responses import JSONResponse
 
@@ -17,6 +19,8 @@ AUTHENTICATION = "authentication_error"
 NOT_FOUND = "not_found_error"
 SERVER_ERROR = "server_error"
 UNAVAILABLE = "service_unavailable_error"
+RATE_LIMITED = "rate_limit_error"
+RETRY_AFTER_S = 1  # the Retry-After of a 503 whose cause sets none (a deployment without backpressure_config)
 
 
 class APIError(Exception):
@@ -42,6 +46,23 @@ class APIError(Exception):
 
 def bad_request(message: str, code: str, param: str | None = None) -> APIError:
     return APIError(400, message, INVALID_REQUEST, param, code)
+
+
+def retry_after(seconds: float | None) -> dict[str, str]:
+    """The `Retry-After` header: whole seconds (RFC 9110 delay-seconds), rounded up, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(RETRY_AFTER_S if seconds is None else seconds)))}
+
+
+def overloaded(status: int = 503, retry_after_s: float | None = None) -> APIError:
+    """A request refused because every replica is busy and the queue in front of them is full.
+
+    `status` and `retry_after_s` are the refusing deployment's `backpressure_config` (503 or 429), as
+    Ray Serve's `BackPressureError` carries them.
+    """
+    return APIError(status, "the server is overloaded: every model replica is busy and the queue is full; "
+                            "retry after the time in the Retry-After header",
+                    RATE_LIMITED if status == 429 else UNAVAILABLE, code="overloaded",
+                    headers=retry_after(retry_after_s))
 
 
 def error_response(err: APIError) -> JSONResponse:

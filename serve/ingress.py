@@ -13,6 +13,14 @@ count), prompt length and max_tokens. Each refusal is a 4xx with an OpenAI error
 replicas that stop while serving a request give a 503 (or, once a stream has started, an error
 event) saying so; clients may retry.
 
+Overload: Ray Serve queues at most `max_queued_requests` (of the BitLlavaModel deployment, per
+ingress replica) requests for the model replicas' `max_ongoing_requests` slots and refuses the
+next with a `BackPressureError` at once; that becomes a 503 (or 429, the deployment's
+`backpressure_config.status_code`) with `Retry-After` and an OpenAI error body. A client that
+goes away (a closed stream, a dropped connection) cancels its model request, which frees its
+batch slot. `/ready` stays 200 while the model replicas are too busy to answer a ping but have
+answered this ingress within `READY_RECENT_S`.
+
 Images are decoded and preprocessed to pixel values here (CPU work off the model replicas); the
 model deployment receives token ids and pixel values only.
 """
@@ -47,7 +55,7 @@ from model.tokenizer import with_image_token
 from model.vision import CLIPImageProcessorPil, preprocess_images
 from serve.engine import GenerationRequest, SamplingParams
 from serve.errors import (AUTHENTICATION, INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, UNAVAILABLE, APIError,
-                          bad_request, error_event, error_response, pydantic_param)
+                          bad_request, error_event, error_response, overloaded, pydantic_param, retry_after)
 from serve.images import load_image
 from serve.metrics import IngressMetrics
 from serve.model_files import local_model_folder
@@ -67,6 +75,8 @@ CHAT_ROUTE = "/v1/chat/completions"
 STATIC = resources.files("serve") / "static"  # the chat page: index.html, chat.js, chat.css
 UPSTREAM_UNAVAILABLE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError,
                         RequestCancelledError)
+READY_PING_TIMEOUT_S = 5.0  # /ready: how long a model replica may take to answer a ping
+READY_RECENT_S = 30.0  # /ready: a busy model (ping refused or late) that answered this recently is ready
 
 
 class ModelInfo:
@@ -96,16 +106,27 @@ class ModelInfo:
 def upstream_error(err: BaseException) -> APIError:
     """An exception from the model deployment -> what the client is told."""
     if isinstance(err, BackPressureError):
-        return APIError(503, "the server is overloaded: too many requests are queued; retry later", UNAVAILABLE,
-                        code="overloaded")
+        return overloaded(err.status_code, err.retry_after_s)
     if isinstance(err, UPSTREAM_UNAVAILABLE):
         return APIError(503, "the model replica serving this request stopped before the request completed "
                              f"({type(err).__name__}); the request was not completed, retry it",
-                        UNAVAILABLE, code="model_replica_unavailable")
+                        UNAVAILABLE, code="model_replica_unavailable", headers=retry_after(None))
     if isinstance(err, ValueError):  # the engine refused the request (the ingress checks should have)
         return bad_request(f"the model refused the request: {err}", "invalid_request")
     return APIError(500, f"internal error while generating: {type(err).__name__}", SERVER_ERROR,
                     code="internal_error")
+
+
+def cancel(response) -> None:
+    """Cancel a model request whose client went away (best effort: it may have just ended or failed).
+
+    `DeploymentResponse.cancel` re-raises the request's own failure (a `BackPressureError`, say), so it is
+    for requests that have not failed.
+    """
+    try:
+        response.cancel()
+    except Exception as err:  # noqa: BLE001 - the request ended on its own meanwhile
+        logger.debug("cancelling a model request: %s", err)
 
 
 @serve.deployment(name="ChatIngress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -116,6 +137,7 @@ class ChatIngress:
         self.api_key = self.settings.resolve_api_key()
         self.info = ModelInfo(local_model_folder(self.settings.model, self.settings.cache_dir, weights=False))
         self.model = model
+        self.last_model_answer: float | None = None  # time.monotonic() of the model's latest answer to this ingress
         self.metrics = IngressMetrics()
         self.created = int(time.time())
         logger.info("ChatIngress ready: model %r (%s), auth %s, image URL allowlist %s", self.settings.model_name,
@@ -247,10 +269,15 @@ class ChatIngress:
                 self.metrics.request(CHAT_ROUTE, status, time.perf_counter() - started)
 
     async def complete(self, chat: ChatCompletionRequest, generation: GenerationRequest, request_id: str):
+        response = self.model.generate.remote(generation)
         try:
-            result = await self.model.generate.remote(generation)
+            result = await response
+        except asyncio.CancelledError:  # the client went away: the model replica frees the batch slot
+            cancel(response)
+            raise
         except Exception as err:  # noqa: BLE001
             raise upstream_error(err) from err
+        self.last_model_answer = time.monotonic()
         if result["error"]:
             raise APIError(500, result["error"], SERVER_ERROR, code="generation_failed")
         usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
@@ -267,11 +294,14 @@ class ChatIngress:
     async def stream(self, chat: ChatCompletionRequest, generation: GenerationRequest, request_id: str,
                      started: float):
         events = self.model.options(stream=True).generate_stream.remote(generation)
-        try:  # the first token before answering: a replica failure is still a plain 503
+        try:  # the first token before answering: a replica failure or an overload is still a plain 503
             first = await events.__anext__()
-        except Exception as err:  # noqa: BLE001
-            events.cancel()
+        except asyncio.CancelledError:  # the client left while the request was queued or prefilling
+            cancel(events)
+            raise
+        except Exception as err:  # noqa: BLE001 - the request failed: nothing left to cancel
             raise upstream_error(err) from err
+        self.last_model_answer = time.monotonic()
         if first.error:
             raise APIError(500, first.error, SERVER_ERROR, code="generation_failed")
         ttft = time.perf_counter() - started
@@ -290,12 +320,12 @@ class ChatIngress:
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         async def sse():
-            status, event = 200, first
+            status, event, ended = 200, first, False
             try:
                 yield chunk(Delta(role="assistant", content=""))
                 while True:
                     if event.error:
-                        status = 500
+                        status, ended = 500, True
                         yield error_event(APIError(500, event.error, SERVER_ERROR, code="generation_failed"))
                         return
                     if event.text:
@@ -304,9 +334,11 @@ class ChatIngress:
                         break
                     try:
                         event = await events.__anext__()
+                        self.last_model_answer = time.monotonic()
                     except StopAsyncIteration:
                         raise APIError(500, "the model's stream ended without a finish_reason", SERVER_ERROR,
                                        code="internal_error") from None
+                ended = True  # the model's stream is over: nothing to cancel from here on
                 yield chunk(Delta(), finish=event.finish_reason)
                 usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                               total_tokens=event.prompt_tokens + event.completion_tokens)
@@ -318,16 +350,22 @@ class ChatIngress:
                 logger.info("request_id=%s %s 200 (stream): %d prompt + %d completion tokens (%s), first token "
                             "after %.3fs", request_id, CHAT_ROUTE, usage.prompt_tokens, usage.completion_tokens,
                             event.finish_reason, ttft)
-            except asyncio.CancelledError:
-                status = 499  # the client went away; the model replica drops the request
-                events.cancel()
+            except (asyncio.CancelledError, GeneratorExit):
+                # the client went away: cancelled while awaiting the model, or closed (GeneratorExit) while
+                # suspended at a `yield` (Starlette cancels the response when the connection drops)
+                status = 499
                 raise
             except Exception as err:  # noqa: BLE001 - headers are sent: report in the stream
                 api_error = err if isinstance(err, APIError) else upstream_error(err)
                 status = api_error.status
+                ended = True  # the model's stream ended (with an error)
                 logger.warning("request_id=%s %s stream failed: %s", request_id, CHAT_ROUTE, api_error.message)
                 yield error_event(api_error)
             finally:
+                if not ended:
+                    cancel(events)  # the model replica stops generating and frees the batch slot
+                    logger.info("request_id=%s %s stream closed by the client; generation cancelled", request_id,
+                                CHAT_ROUTE)
                 self.metrics.request(CHAT_ROUTE, status, time.perf_counter() - started)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
@@ -348,11 +386,18 @@ class ChatIngress:
         return ModelCard(id=self.settings.model_name, created=self.created)
 
     async def ready(self):
+        """200 when a model replica answers a ping, or is too busy to (its queue full, or every slot taken for
+        longer than the ping may wait) but answered this ingress within READY_RECENT_S; else 503."""
         try:
-            state = await asyncio.wait_for(self.model.ping.remote(), timeout=5.0)
+            state = await asyncio.wait_for(self.model.ping.remote(), timeout=READY_PING_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - includes the timeout
+            since = None if self.last_model_answer is None else time.monotonic() - self.last_model_answer
+            if isinstance(err, (BackPressureError, TimeoutError)) and since is not None and since < READY_RECENT_S:
+                return {"status": "ok", "model": self.settings.model_name, "busy": True,
+                        "last_answer_s_ago": round(since, 3)}
             return error_response(APIError(503, f"no model replica answered ({type(err).__name__})", UNAVAILABLE,
-                                           code="model_unavailable"))
+                                           code="model_unavailable", headers=retry_after(None)))
+        self.last_model_answer = time.monotonic()
         return {"status": "ready", "model": self.settings.model_name, **state}
 
 

@@ -39,7 +39,7 @@ def test_batched_answers_equal_one_at_a_time(tiny_mm):
     single = [generate_reply(loaded, short_answer_prompt(q), [img], max_new_tokens=6).text
               for q, img in zip(questions, images)]
     assert batched == single
-    with pytest.raises(ValueError, match="2 questions but 1 images"):
+    with pytest.raises(ValueError, match="2 prompts but 1 images"):
         answer_batch(loaded, questions[:2], images[:1])
 
 
@@ -70,15 +70,19 @@ def _config(**changes):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"task": "gqa"}, "unknown task 'gqa'"),
+        ({"task": "okvqa"}, "unknown task 'okvqa'"),
         ({"model": ""}, "model is required"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"num_actors": 2, "num_cpus": 1}, "2 actors x 1 CPUs do not fit in a local cluster of 1 CPUs"),
         ({"num_cpus": 2, "ray_address": "auto"}, "cannot be combined with ray_address"),
         ({"limit": 0}, "limit must be a positive integer"),
         ({"task": "vqav2"}, "VQAv2 needs its questions file"),
-        ({"questions": "q.json"}, "pope files hold the questions"),
-        ({"annotations": []}, "pope needs its annotation file"),
+        ({"ocr": "ocr.json"}, "POPE takes no --ocr"),
+        ({"annotations": []}, "POPE needs its coco_pope_<split>.json files"),
+        ({"task": "mmbench", "annotations": ["mmbench_dev_20230712.tsv"]}, "mmbench files embed their images"),
+        ({"task": "gqa", "images": None, "annotations": ["testdev_balanced_questions.json"]}, "images is required"),
+        ({"task": "textvqa", "annotations": ["TextVQA_0.5.1_val.json"], "protocol": "ocr-v2"},
+         "unknown TextVQA protocol 'ocr-v2'"),
     ],
 )
 def test_config_validation(changes, message):
@@ -100,7 +104,8 @@ def test_predictor_marks_unreadable_images(tiny_mm, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     predictor = AnswerPredictor(str(tmp_path / "m"), max_new_tokens=4, torch_threads=1)
-    batch = {"index": np.array([0, 1, 2]), "question": np.array(["What color?", "What color?", "How many?"]),
+    batch = {"index": np.array([0, 1, 2]),
+             "prompt": np.array([short_answer_prompt(q) for q in ("What color?", "What color?", "How many?")]),
              "image": np.array([str(good), str(bad), str(tmp_path / "absent.jpg")])}
     out = predictor(batch)
     assert out["index"].tolist() == [0, 1, 2]

@@ -10,11 +10,12 @@ import sys
 import pytest
 from PIL import Image
 
-from components.evaluate.inference import short_answer_prompt
+from components.evaluate.prompts import ocr_prompt, short_answer_prompt
 from components.evaluate.scoring import flatten_metrics
-from components.evaluate.synthetic_sets import write_pope, write_textvqa, write_vqav2
+from components.evaluate.synthetic_sets import write_pope, write_textvqa, write_textvqa_ocr, write_vqav2
+from components.evaluate.inference import load_eval_model
 from model.chat import generate_reply
-from model.checkpoint import load_model, save_model
+from model.checkpoint import save_model
 from model.presets import build_from_preset
 
 BIN = os.path.join(os.path.dirname(sys.executable), "bitllava")
@@ -39,15 +40,15 @@ def _pope_by_hand(lines, labels):
     return counts
 
 
-def _reference_answers(model_dir, questions, images_dir):
-    """The single-sample chat path, question by question."""
-    loaded = load_model(model_dir)
+def _reference_answers(model_dir, prompts, images_dir):
+    """The single-sample chat path, (prompt, image) by (prompt, image), in the dtypes `eval run` uses by default
+    (dtype auto: the tower in bf16 where the CPU has native bf16)."""
+    loaded = load_eval_model(model_dir, "auto")
     answers = []
-    for question, image_name in questions:
+    for prompt, image_name in prompts:
         with Image.open(os.path.join(images_dir, image_name)) as img:
             image = img.convert("RGB")
-        answers.append(generate_reply(loaded, short_answer_prompt(question), [image],
-                                      max_new_tokens=MAX_NEW_TOKENS).text)
+        answers.append(generate_reply(loaded, prompt, [image], max_new_tokens=MAX_NEW_TOKENS).text)
     return answers
 
 
@@ -76,6 +77,7 @@ def test_eval_run_end_to_end(tmp_path):
     pope = write_pope(str(tmp_path / "pope"), per_split=6, seed=1)
     vqav2 = write_vqav2(str(tmp_path / "vqav2"), num_questions=9, seed=2)
     textvqa = write_textvqa(str(tmp_path / "textvqa"), num_questions=6, seed=3)
+    ocr = write_textvqa_ocr(str(tmp_path / "textvqa"), textvqa)["ocr"]
 
     # a pipeline run in its own store, to nest the VQA evaluations under
     pipeline_uri = f"sqlite:///{tmp_path / 'pipeline' / 'mlflow.db'}"
@@ -96,7 +98,8 @@ def test_eval_run_end_to_end(tmp_path):
                  zip(pope["annotations"], ("random", "popular", "adversarial")) for line in open(path)]
     assert [(q["category"], q["question_id"]) for q in questions] == [(x["category"], x["question_id"]) for x in lines]
     assert all(set(x) == {"question_id", "question", "text", "category"} for x in lines)
-    expected = _reference_answers(model_dir, [(q["text"], q["image"]) for q in questions], pope["images"])
+    expected = _reference_answers(model_dir, [(short_answer_prompt(q["text"]), q["image"]) for q in questions],
+                                  pope["images"])
     assert [x["text"] for x in lines] == expected
     metrics = summary["metrics"]
     assert metrics == json.load(open(out / "pope_metrics.json"))["metrics"]
@@ -116,7 +119,7 @@ def test_eval_run_end_to_end(tmp_path):
     # --- VQAv2 and TextVQA (first 4 questions), nested under the pipeline run
     for task, files, extra in (
         ("vqav2", vqav2, ["--questions", vqav2["questions"]]),
-        ("textvqa", textvqa, ["--limit", "4"]),
+        ("textvqa", textvqa, ["--limit", "4", "--ocr", ocr]),  # LLaVA-1.5's OCR-token prompt (the default)
     ):
         out = tmp_path / f"out-{task}"
         proc = _bitllava("eval", "run", "--task", task, "--model", model_dir, "--annotations", *files["annotations"],
@@ -128,10 +131,14 @@ def test_eval_run_end_to_end(tmp_path):
         assert all(set(item) == {"question_id", "answer"} for item in items)
         if task == "vqav2":
             raw = json.load(open(vqav2["questions"]))["questions"]
-            asked = [(q["question_id"], q["question"], f"COCO_val2014_{q['image_id']:012d}.jpg") for q in raw]
+            asked = [(q["question_id"], short_answer_prompt(q["question"]), f"COCO_val2014_{q['image_id']:012d}.jpg")
+                     for q in raw]
         else:
             raw = json.load(open(textvqa["annotations"][0]))["data"][:4]
-            asked = [(q["question_id"], q["question"], f"{q['image_id']}.jpg") for q in raw]
+            tokens = {d["image_id"]: d["ocr_tokens"] for d in json.load(open(ocr))["data"]}
+            asked = [(q["question_id"], ocr_prompt(q["question"], tokens[q["image_id"]]), f"{q['image_id']}.jpg")
+                     for q in raw]
+            assert all("\nReference OCR token: " in prompt for _, prompt, _ in asked)
         assert [item["question_id"] for item in items] == [qid for qid, _, _ in asked]
         expected = _reference_answers(model_dir, [(q, image) for _, q, image in asked], files["images"])
         assert [item["answer"] for item in items] == expected
@@ -140,9 +147,10 @@ def test_eval_run_end_to_end(tmp_path):
         score_args = ["eval", "score", "--task", task, "--predictions", summary["predictions"],
                       "--annotations", *files["annotations"], *extra[:2 if task == "vqav2" else 0]]
         if task == "textvqa":  # the run saw the first 4 of 6 questions
+            assert metrics["protocol"] == "llava-1.5-ocr" and summary["protocol"] == "llava-1.5-ocr"
             scored = json.loads(_bitllava(*score_args, "--allow-partial").stdout)
             assert (scored["num_answered"], scored["num_questions"]) == (4, 6)
-            assert scored["accuracy"] == metrics["accuracy"]
+            assert scored["accuracy"] == metrics["accuracy"] and "protocol" not in scored
         else:
             assert json.loads(_bitllava(*score_args).stdout) == metrics
         _check_mlflow_run(pipeline_uri, summary, metrics, summary["predictions"], parent_id)

@@ -8,8 +8,11 @@ known exactly and a small model can learn them:
   multi-turn, some text-only records, some records with two images (`image` is then a list);
 - `eval/pope/coco_pope_{random,popular,adversarial}.json` (question lines with `label`),
   `eval/vqav2/v2_OpenEnded_mscoco_val2014_{questions,annotations}.json` (`annotations` file is
-  `v2_mscoco_val2014_annotations.json`), `eval/textvqa/TextVQA_0.5.1_val.json`, each with an
-  `images/` folder of held-out images.
+  `v2_mscoco_val2014_annotations.json`), `eval/textvqa/TextVQA_0.5.1_val.json` (with
+  `TextVQA_Rosetta_OCR_v0.2_val.json` and LLaVA's `llava_textvqa_val_v051_ocr.jsonl`), each with an
+  `images/` folder of held-out images; LLaVA's `llava_pope_test.jsonl`; and small sets of the other
+  evaluation tasks (`eval/{vqav2-test-dev,gqa,scienceqa,mme,seed,mmbench}/`, see
+  `components.evaluate.synthetic_sets`).
 `--corrupt K` adds K bad records of every kind in `CORRUPT_KINDS` to both training sets;
 `synth.json` lists which record ids are bad and why, so tests can check the preprocessing report.
 """
@@ -345,6 +348,29 @@ def write_textvqa(cfg: SynthConfig, rng: random.Random) -> dict:
     return {"questions": path, "annotations": path, "images": os.path.join(folder, "images")}
 
 
+def write_more_eval_sets(cfg: SynthConfig, written: dict, seed: int) -> dict:
+    """LLaVA's question files and TextVQA's OCR file beside the sets above, a VQAv2 test-dev set, and small sets
+    of the other tasks (GQA, ScienceQA, MME, SEED-Bench, MMBench), all in their published layouts
+    (`components.evaluate.synthetic_sets`). At most 24 questions each: they cost well under a second."""
+    from components.evaluate import synthetic_sets as sets
+
+    n = max(4, min(cfg.eval, 24))
+    root = os.path.join(cfg.out, "eval")
+    pope_files = [written["pope"]["questions"][s] for s in ("random", "popular", "adversarial")]
+    written["pope"]["llava_questions"] = sets.write_llava_pope(os.path.join(root, "pope"), {"annotations": pope_files})
+    written["textvqa"].update({f"llava_{k}" if k == "questions" else k: v for k, v in sets.write_textvqa_ocr(
+        os.path.join(root, "textvqa"), {"annotations": [written["textvqa"]["annotations"]]}).items()})
+    return {
+        "vqav2-test-dev": sets.write_vqav2_test_dev(os.path.join(root, "vqav2-test-dev"), num_questions=n // 2,
+                                                    seed=seed),
+        "gqa": sets.write_gqa(os.path.join(root, "gqa"), num_questions=n, seed=seed + 1),
+        "scienceqa": sets.write_scienceqa(os.path.join(root, "scienceqa"), num_questions=n, seed=seed + 2),
+        "mme": sets.write_mme(os.path.join(root, "mme"), images_per_subtask=max(1, n // 8), seed=seed + 3),
+        "seed": sets.write_seed(os.path.join(root, "seed"), num_questions=n, seed=seed + 4),
+        "mmbench": sets.write_mmbench(os.path.join(root, "mmbench"), num_questions=max(2, n // 3), seed=seed + 5),
+    }
+
+
 def synthesize(cfg: SynthConfig) -> dict:
     """Write every dataset; returns (and writes to synth.json) where everything is."""
     os.makedirs(cfg.out, exist_ok=True)
@@ -361,6 +387,7 @@ def synthesize(cfg: SynthConfig) -> dict:
             "vqav2": write_vqav2(cfg, random.Random(rng.random())),
             "textvqa": write_textvqa(cfg, random.Random(rng.random())),
         }
+        summary["eval"].update(write_more_eval_sets(cfg, summary["eval"], rng.randrange(2**31)))
     with open(os.path.join(cfg.out, "synth.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary

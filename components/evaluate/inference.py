@@ -1,8 +1,8 @@
-"""Batched greedy answers to image questions, with LLaVA-1.5's short-answer prompt.
+"""Batched greedy answers to image prompts (each task builds its prompts: `components.evaluate.prompts`).
 
 Source: LLaVA-1.5's evaluation (`llava/eval/model_vqa_loader.py` and the question files of
-`scripts/v1_5/eval/{vqav2,textvqa,pope}.sh`): the question followed by
-"\\nAnswer the question using a single word or phrase.", one image, greedy decoding.
+`scripts/v1_5/eval/*.sh`): one image before the prompt, greedy decoding; the short-answer prompt is
+the question followed by "\\nAnswer the question using a single word or phrase.".
 
 A batch is built from the same pieces as `model.chat.generate_reply`: `prompt_ids` renders the
 conversation template (with one `<image>` expanded to its patch positions), the prompts are
@@ -21,13 +21,10 @@ from model.chat import user_turn
 from model.checkpoint import LoadedModel, is_hub_id
 from model.conversation import prompt_ids
 from model.loading import is_packed_folder, load_any_model  # noqa: F401  (is_packed_folder: re-exported)
+from model.precision import resolve_dtypes, set_vision_dtype
 from model.vision import preprocess_images
 
-SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
-
-
-def short_answer_prompt(question: str) -> str:
-    return question + SHORT_ANSWER_SUFFIX
+from components.evaluate.prompts import SHORT_ANSWER_SUFFIX, short_answer_prompt  # noqa: F401  (re-exported)
 
 
 def model_location(path: str) -> str:
@@ -41,15 +38,19 @@ def model_location(path: str) -> str:
     return path
 
 
-def load_eval_model(path: str) -> LoadedModel:
+def load_eval_model(path: str, dtype: str = "float32") -> LoadedModel:
     """A checkpoint folder (or hub id) or a packed model folder, in eval mode; it must take images.
 
-    Both load through `model.loading.load_any_model` with its default dtype (float32), so a packed
-    folder answers as the checkpoint it was packed from.
+    Both load through `model.loading.load_any_model`, so a packed folder answers as the checkpoint it
+    was packed from. dtype: "float32", "bfloat16", or "auto" (`model.precision.resolve_dtypes`: on a
+    CPU the LLM in float32 and the tower + projector in bf16 where the CPU has native bf16).
     """
-    loaded = load_any_model(path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    llm_dtype, vision_dtype = resolve_dtypes(dtype, device)
+    loaded = load_any_model(path, dtype=llm_dtype)
     if not loaded.multimodal:
         raise ValueError(f"{path} holds a text-only LLM ({loaded.layout}); evaluation needs a multimodal model")
+    set_vision_dtype(loaded.model, vision_dtype)
     return loaded
 
 
@@ -66,21 +67,27 @@ def batch_prompt_ids(loaded: LoadedModel, prompts: list[str]) -> tuple[torch.Ten
     return input_ids, attention_mask
 
 
-@torch.no_grad()
 def answer_batch(loaded: LoadedModel, questions: list[str], images: list[Image.Image],
                  max_new_tokens: int = 16) -> list[str]:
     """Greedy short answers, one per (question, image)."""
-    if len(questions) != len(images):
-        raise ValueError(f"{len(questions)} questions but {len(images)} images")
-    if not questions:
+    return answer_prompts(loaded, [short_answer_prompt(q) for q in questions], images, max_new_tokens)
+
+
+@torch.no_grad()
+def answer_prompts(loaded: LoadedModel, prompts: list[str], images: list[Image.Image],
+                   max_new_tokens: int = 16) -> list[str]:
+    """Greedy replies, one per (prompt, image), the image placed before the prompt."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    if not prompts:
         return []
     model, tokenizer = loaded.model, loaded.tokenizer
-    input_ids, attention_mask = batch_prompt_ids(loaded, [short_answer_prompt(q) for q in questions])
+    input_ids, attention_mask = batch_prompt_ids(loaded, prompts)
     pixel_values = preprocess_images(images, loaded.image_processor)
     out = model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),
-        pixel_values=pixel_values.to(model.device, model.dtype),
+        pixel_values=pixel_values.to(model.device),  # the tower casts to its own dtype
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,

@@ -1,4 +1,7 @@
-"""Metrics of POPE, VQAv2 and TextVQA, computed as the official scripts compute them.
+"""Scoring: the VQA and POPE metrics (shared by several tasks), coverage, and `eval score`.
+
+Each task's own rules (GQA exact match, ScienceQA letter extraction, MME acc+, SEED-Bench first
+letter, MMBench CircularEval) live in its module under `components.evaluate.tasks`.
 
 VQA accuracy (Antol et al. 2015; Goyal et al. 2017): for a predicted answer and the n human
 answers (n = 10), average over the n subsets that leave one human answer out of
@@ -86,7 +89,7 @@ def pope_metrics(pairs: list[tuple[str, str]]) -> dict:
     }
 
 
-def _coverage(num_answered: int, num_questions: int) -> dict:
+def coverage(num_answered: int, num_questions: int) -> dict:
     return {"num_questions": num_questions, "num_answered": num_answered,
             "coverage": 100 * num_answered / num_questions}
 
@@ -97,7 +100,7 @@ def score_pope(eval_set: EvalSet, matched: Matched) -> dict:
         questions = [q for q in eval_set.questions if q.split == split]
         pairs = [(pope_answer(matched.answers[q.key]), q.label) for q in questions if q.key in matched.answers]
         if pairs:
-            splits[split] = {**pope_metrics(pairs), **_coverage(len(pairs), len(questions))}
+            splits[split] = {**pope_metrics(pairs), **coverage(len(pairs), len(questions))}
     names = ("accuracy", "precision", "recall", "f1", "yes_ratio")
     mean = {name: sum(s[name] for s in splits.values()) / len(splits) for name in names}
     return {"splits": splits, "mean": mean}
@@ -122,10 +125,17 @@ def score_vqa(eval_set: EvalSet, matched: Matched) -> dict:
     return result
 
 
+def percent(hits: int, total: int) -> float:
+    return 100 * hits / total if total else 0.0
+
+
 def score(eval_set: EvalSet, matched: Matched) -> dict:
     """Metrics of matched predictions, with coverage; only answered questions are scored."""
-    metrics = score_pope(eval_set, matched) if eval_set.task == "pope" else score_vqa(eval_set, matched)
-    return {"task": eval_set.task, **metrics, **_coverage(matched.num_answered, matched.num_questions)}
+    from components.evaluate.tasks import get_task
+
+    metrics = get_task(eval_set.task).score(eval_set, matched)
+    protocol = {"protocol": eval_set.protocol} if eval_set.protocol else {}
+    return {"task": eval_set.task, **protocol, **metrics, **coverage(matched.num_answered, matched.num_questions)}
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -146,11 +156,15 @@ def score_files(
     annotations: list[str],
     questions: str | None = None,
     allow_partial: bool = False,
+    *,
+    ocr: str | None = None,
+    test_questions: str | None = None,
+    protocol: str | None = None,
 ) -> dict:
     """What `bitllava eval score` prints: load, check, match and score a result file."""
-    eval_set = load_eval_set(task, annotations, questions)
+    eval_set = load_eval_set(task, annotations, questions, ocr=ocr, test_questions=test_questions, protocol=protocol)
     if not eval_set.has_ground_truth:
         raise ValueError(f"{', '.join(eval_set.sources)} holds no answers to score against "
-                         f"(a test split? submit the result file to EvalAI instead)")
+                         f"(a test split? submit the result file to the benchmark's server instead)")
     matched = match_predictions(eval_set, read_predictions(task, predictions_path), allow_partial)
     return score(eval_set, matched)

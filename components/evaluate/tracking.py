@@ -64,7 +64,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, parent_run_id: 
 
 
 def log_results(run: TrackedRun, params: dict, metrics: dict[str, float], artifacts: dict[str, str]) -> None:
-    """Parameters, metrics (one step) and files (`{local path: artifact folder}`)."""
+    """Parameters, metrics (one step) and files or folders (`{local path: artifact folder}`)."""
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
@@ -74,7 +74,10 @@ def log_results(run: TrackedRun, params: dict, metrics: dict[str, float], artifa
         params=[Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()],
     )
     for path, folder in artifacts.items():
-        run.client.log_artifact(run.run_id, path, artifact_path=folder)
+        if os.path.isdir(path):  # a result folder (MME's eval_tool layout) keeps its name
+            run.client.log_artifacts(run.run_id, path, artifact_path=f"{folder}/{os.path.basename(path)}")
+        else:
+            run.client.log_artifact(run.run_id, path, artifact_path=folder)
 
 
 def end_run(run: TrackedRun, ok: bool) -> None:
