@@ -11,7 +11,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # gpu.py prints a "skipped" line at once on machines without CUDA
-BENCHMARKS = ["preprocess.py", "train.py", "decode.py", "serve.py", "gpu.py"]
+BENCHMARKS = ["preprocess.py", "train.py", "decode.py", "prefill.py", "request.py", "serve.py", "gpu.py"]
 
 
 def main() -> None:

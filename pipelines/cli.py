@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_console(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: e.g. a spent storage retry budget
         if os.environ.get("BITLLAVA_DEBUG"):
             traceback.print_exc()
         print(f"bitllava: error: {err}", file=sys.stderr)

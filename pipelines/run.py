@@ -72,15 +72,11 @@ class StepRunner:
             raise StopPipeline(name)
 
     def nested_run(self, name: str, params: dict, metrics: dict) -> None:
-        import mlflow
+        from components.tracking_outbox import log_or_keep
 
         run_id = create_run(self.tracking_uri, self.cfg.mlflow.experiment, name, self.parent,
                             params=params)
-        client = mlflow.tracking.MlflowClient(self.tracking_uri)
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                client.log_metric(run_id, k, float(v))
-        client.set_terminated(run_id)
+        log_or_keep(self.tracking_uri, run_id, self.cfg.out, metrics=metrics, status="FINISHED")
 
 
 def plan(cfg: PipelineConfig) -> dict:
@@ -268,9 +264,9 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
     summary = {"pipeline": cfg.name, "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri,
                "model_dir": model_dir, "packed_dir": packed,
                "eval": {t: m.get("metrics", m) for t, m in metrics.items()}, "served": served}
-    import mlflow
+    from components.tracking_outbox import log_or_keep
 
-    mlflow.tracking.MlflowClient(tracking_uri).set_terminated(parent)
+    log_or_keep(tracking_uri, parent, cfg.out, status="FINISHED")  # a server away now: kept for `runs replay`
     return summary
 
 

@@ -65,6 +65,9 @@ class PreprocessConfig:
     encode_batch: image groups per encoder call.
     prepare_batch: image groups per image-processor call (bounds the float32 working set of a call).
     s3_endpoint: S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).
+    storage_retry_s: seconds an S3 read or write keeps retrying through an object-store outage before the
+        run stops with StorageUnavailableError, its committed parts kept for a rerun (default:
+        $BITLLAVA_STORAGE_RETRY_S, else 120).
     """
 
     source: str
@@ -83,9 +86,12 @@ class PreprocessConfig:
     encode_batch: int = 16
     prepare_batch: int = 32
     s3_endpoint: str | None = None
+    storage_retry_s: float | None = None
 
     def __post_init__(self):
-        self.s3_endpoint = storage.s3_endpoint(self.s3_endpoint)  # resolved here so Ray workers get it too
+        # resolved here so Ray workers get them too
+        self.s3_endpoint = storage.s3_endpoint(self.s3_endpoint)
+        self.storage_retry_s = storage.retry_budget_s(self.storage_retry_s)
         # user paths mean what they mean in the user's shell; Ray Data tasks run in other folders
         self.json, self.images, self.out = (paths.local_path(p) for p in (self.json, self.images, self.out))
         self.model = paths.model_ref(self.model)
@@ -102,9 +108,9 @@ class PreprocessConfig:
         lo, hi = self.encoder_actors
         if not 1 <= lo <= hi:
             raise ValueError(f"encoder_actors must be (min, max) with 1 <= min <= max, got {self.encoder_actors}")
-        if not storage.exists(self.json, self.s3_endpoint):
+        if not storage.exists(self.json, self.s3_endpoint, self.storage_retry_s):
             raise ValueError(f"--json {self.json} does not exist")
-        if not storage.exists(self.images, self.s3_endpoint) and not storage.is_s3(self.images):
+        if not storage.is_s3(self.images) and not storage.exists(self.images):
             raise ValueError(f"--images {self.images} does not exist")
         if self.model and not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"--model {self.model} is not a model folder (no config.json)")
@@ -192,7 +198,8 @@ def prepare_and_write(batch: pa.Table, key: str, cfg: PreprocessConfig, processi
     store and leaves one operator to Ray Data's resource allocator, so every core runs a task; one part
     at a time is held in memory."""
     preparer, groups = _preparer(key, cfg, processing), batch.to_pylist()
-    return pa.concat_tables([write_groups(preparer(groups[i: i + groups_per_part]), cfg.out, cfg.s3_endpoint, key)
+    return pa.concat_tables([write_groups(preparer(groups[i: i + groups_per_part]), cfg.out, cfg.s3_endpoint, key,
+                                          cfg.storage_retry_s)
                              for i in range(0, len(groups), groups_per_part)])
 
 
@@ -291,12 +298,14 @@ class EncodeGroups:
         return pa.Table.from_pylist(rows, schema=batch.schema)
 
 
-def write_parts(batch: pa.Table, out: str, endpoint: str | None, attempt: str) -> pa.Table:
+def write_parts(batch: pa.Table, out: str, endpoint: str | None, attempt: str,
+                retry_s: float | None = None) -> pa.Table:
     """Ray Data UDF (light tasks), `features` mode: a batch of encoded groups -> one Parquet part's stats."""
-    return write_groups(batch.to_pylist(), out, endpoint, attempt)
+    return write_groups(batch.to_pylist(), out, endpoint, attempt, retry_s)
 
 
-def write_groups(groups: list[dict], out: str, endpoint: str | None, attempt: str) -> pa.Table:
+def write_groups(groups: list[dict], out: str, endpoint: str | None, attempt: str,
+                 retry_s: float | None = None) -> pa.Table:
     """Prepared (or encoded) groups -> one Parquet part, written atomically; returns the part's stats."""
     rows, bad, indices, encoded = [], [], [], 0
     for group in groups:
@@ -315,7 +324,7 @@ def write_groups(groups: list[dict], out: str, endpoint: str | None, attempt: st
                          "labels": np.frombuffer(group["labels"][j], np.int32), "length": len(ids),
                          "num_images": len(own), "images": images.tobytes() if own else b"",
                          "image_shape": list(images.shape) if own else []})
-    name = write_part(out, rows, indices, bad, encoded, endpoint, attempt)
+    name = write_part(out, rows, indices, bad, encoded, endpoint, attempt, retry_s)
     print(f"[preprocess] wrote {name}: {len(rows)} samples, {len(bad)} bad records", file=sys.stderr, flush=True)
     return pa.table({"part": [name], "samples": [len(rows)], "bad": [len(bad)]})
 
@@ -382,8 +391,8 @@ def group_records(records: list, skip: set[int], max_images: int = MAX_GROUP_IMA
 
 
 def fingerprint(cfg: PreprocessConfig, json_bytes: bytes, identity: dict) -> dict:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "encoder_actors",
-                                                                   "encode_batch", "s3_endpoint", "model")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "encoder_actors", "encode_batch",
+                                                                   "s3_endpoint", "model", "storage_retry_s")}
     fp = {"schema_version": SCHEMA_VERSION, "json_sha256": hashlib.sha256(json_bytes).hexdigest(),
           "settings": settings, "identity": identity}
     return json.loads(json.dumps(fp))  # the form it takes on disk, so comparisons are exact
@@ -394,14 +403,14 @@ def _check_fingerprint(cfg: PreprocessConfig, fp: dict) -> dict | None:
     manifest_uri = storage.join(cfg.out, "manifest.json")
     fp_uri = storage.join(cfg.out, "_fingerprint.json")
     for uri in (manifest_uri, fp_uri):
-        if storage.exists(uri, cfg.s3_endpoint):
-            existing = json.loads(storage.read_bytes(uri, cfg.s3_endpoint))
+        if storage.exists(uri, cfg.s3_endpoint, cfg.storage_retry_s):
+            existing = json.loads(storage.read_bytes(uri, cfg.s3_endpoint, cfg.storage_retry_s))
             if existing.get("fingerprint", existing) != fp:
                 raise ValueError(f"{cfg.out} holds a store built from other inputs or settings; "
                                  f"choose another --out or delete it")
             if uri == manifest_uri:
                 return existing
-    storage.write_bytes_atomic(fp_uri, json.dumps(fp).encode(), cfg.s3_endpoint)
+    storage.write_bytes_atomic(fp_uri, json.dumps(fp).encode(), cfg.s3_endpoint, cfg.storage_retry_s)
     return None
 
 
@@ -412,7 +421,7 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
     start = time.time()
     tokenizer, processor, image_tokens, max_length, config = load_processing(cfg)
     identity = processing_identity(cfg, tokenizer, processor, config)
-    json_bytes = storage.read_bytes(cfg.json, cfg.s3_endpoint)
+    json_bytes = storage.read_bytes(cfg.json, cfg.s3_endpoint, cfg.storage_retry_s)
     fp = fingerprint(cfg, json_bytes, identity)
     done = _check_fingerprint(cfg, fp)
     if done is not None:
@@ -427,7 +436,8 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
         raise ValueError(f"{cfg.json} must hold a JSON array of records, not a {type(records).__name__}")
     del json_bytes
 
-    covered = {i for footer in committed_parts(cfg.out, cfg.s3_endpoint).values() for i in footer["indices"]}
+    covered = {i for footer in committed_parts(cfg.out, cfg.s3_endpoint, cfg.storage_retry_s).values()
+               for i in footer["indices"]}
     groups = group_records(records, covered)
     attempt = uuid.uuid4().hex
     print(f"[preprocess] {len(records)} records, {len(covered)} already in committed parts, "
@@ -456,14 +466,16 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
                                 batch_format="pyarrow", concurrency=tuple(cfg.encoder_actors), num_gpus=gpus,
                                 num_cpus=0.1 if gpus else 0.5)
             # writing is I/O: light tasks that never wait for a free core
-            ds = ds.map_batches(write_parts, fn_kwargs={"out": cfg.out, "endpoint": cfg.s3_endpoint, "attempt": attempt},
+            ds = ds.map_batches(write_parts, fn_kwargs={"out": cfg.out, "endpoint": cfg.s3_endpoint, "attempt": attempt,
+                                                        "retry_s": cfg.storage_retry_s},
                                 batch_size=groups_per_part, batch_format="pyarrow", num_cpus=0.1)
-        written = ds.take_all()
+        with storage.surface_outage():  # a part write that spent its retry budget: one line, parts kept
+            written = ds.take_all()
         print(f"[preprocess] wrote {len(written)} parts", file=sys.stderr)
 
     manifest = build_manifest(cfg, fp, records, identity, attempt)
     storage.write_bytes_atomic(storage.join(cfg.out, "manifest.json"), json.dumps(manifest, indent=1).encode(),
-                               cfg.s3_endpoint)
+                               cfg.s3_endpoint, cfg.storage_retry_s)
     counts = manifest["counts"]
     print(f"[preprocess] done in {time.time() - start:.1f}s: {counts['samples']} samples, {counts['bad']} bad "
           f"records {dict(counts['bad_by_reason'])}, {len(manifest['parts'])} parts -> {cfg.out}", file=sys.stderr)
@@ -471,11 +483,11 @@ def preprocess(cfg: PreprocessConfig, address: str | None = None) -> dict:
 
 
 def build_manifest(cfg: PreprocessConfig, fp: dict, records: list, identity: dict, attempt: str) -> dict:
-    parts, redundant = resolve_overlaps(committed_parts(cfg.out, cfg.s3_endpoint), attempt)
+    parts, redundant = resolve_overlaps(committed_parts(cfg.out, cfg.s3_endpoint, cfg.storage_retry_s), attempt)
     for name in redundant:
         print(f"[preprocess] {name} was finished by an interrupted run after this one started; "
               f"its records were processed again here, removing it", file=sys.stderr)
-        storage.delete(storage.join(cfg.out, "parts", name), cfg.s3_endpoint)
+        storage.delete(storage.join(cfg.out, "parts", name), cfg.s3_endpoint, cfg.storage_retry_s)
     covered = [i for footer in parts.values() for i in footer["indices"]]
     if len(covered) != len(set(covered)) or set(covered) != set(range(len(records))):
         missing = sorted(set(range(len(records))) - set(covered))[:10]

@@ -56,7 +56,7 @@ def part_name(indices: list[int]) -> str:
 
 
 def write_part(store: str, rows: list[dict], indices: list[int], bad: list[dict], images_encoded: int,
-               endpoint: str | None = None, attempt: str = "") -> str:
+               endpoint: str | None = None, attempt: str = "", retry_s: float | None = None) -> str:
     """Write one part atomically: `rows` are samples (SAMPLE_SCHEMA fields), `indices` every record covered."""
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     footer = {
@@ -71,23 +71,28 @@ def write_part(store: str, rows: list[dict], indices: list[int], bad: list[dict]
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     name = part_name(indices)
-    storage.write_bytes_atomic(storage.join(parts_uri(store), name), buf.getvalue(), endpoint)
+    storage.write_bytes_atomic(storage.join(parts_uri(store), name), buf.getvalue(), endpoint, retry_s)
     return name
 
 
-def read_footer(store: str, name: str, endpoint: str | None = None) -> dict:
-    fs, path = storage.filesystem(storage.join(parts_uri(store), name), endpoint)
-    with fs.open_input_file(path) as f:
-        metadata = pq.read_schema(f).metadata or {}
+def read_footer(store: str, name: str, endpoint: str | None = None, retry_s: float | None = None) -> dict:
+    uri = storage.join(parts_uri(store), name)
+    fs, path = storage.filesystem(uri, endpoint)
+
+    def read_metadata() -> dict:
+        with fs.open_input_file(path) as f:
+            return pq.read_schema(f).metadata or {}
+
+    metadata = storage.with_retries("read", uri, read_metadata, retry_s)
     if FOOTER_KEY not in metadata:
         raise ValueError(f"{name} in {store} is not a bitllava part (no footer metadata)")
     return json.loads(metadata[FOOTER_KEY])
 
 
-def committed_parts(store: str, endpoint: str | None = None) -> dict[str, dict]:
+def committed_parts(store: str, endpoint: str | None = None, retry_s: float | None = None) -> dict[str, dict]:
     """name -> footer of every complete part in the store."""
-    return {name: read_footer(store, name, endpoint)
-            for name in storage.list_files(parts_uri(store), ".parquet", endpoint)}
+    return {name: read_footer(store, name, endpoint, retry_s)
+            for name in storage.list_files(parts_uri(store), ".parquet", endpoint, retry_s)}
 
 
 def resolve_overlaps(parts: dict[str, dict], latest_attempt: str) -> tuple[dict[str, dict], list[str]]:

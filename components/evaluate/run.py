@@ -289,6 +289,7 @@ def run_evals(configs: list[EvalConfig]) -> list[dict]:
         artifact_root = None if config.tracking_uri else os.path.join(config.out_dir, "mlartifacts")
         runs.append(start_run(tracking_uri, config.experiment, config.run_name or f"eval-{config.task}",
                               config.mlflow_parent_run_id, artifact_root))
+        runs[-1].out_dir = config.out_dir
         _log(f"MLflow run {runs[-1].run_id} in {tracking_uri}")
     finished: list[bool] = [False] * len(configs)
     summaries = []

@@ -8,7 +8,6 @@ carries the tag `mlflow.parentRunId` and lives in the parent's experiment.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ class TrackedRun:
     experiment_id: str
     run_id: str
     parent_run_id: str | None
+    out_dir: str | None = None  # where metrics the server could not take are kept (`<out_dir>/mlflow-unsent/`)
 
     def as_dict(self) -> dict:
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id,
@@ -64,21 +64,30 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, parent_run_id: 
 
 
 def log_results(run: TrackedRun, params: dict, metrics: dict[str, float], artifacts: dict[str, str]) -> None:
-    """Parameters, metrics (one step) and files or folders (`{local path: artifact folder}`)."""
-    from mlflow.entities import Metric, Param
+    """Parameters, metrics (one step) and files or folders (`{local path: artifact folder}`).
 
-    now = int(time.time() * 1000)
-    run.client.log_batch(
-        run.run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-        params=[Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()],
-    )
-    for path, folder in artifacts.items():
-        if os.path.isdir(path):  # a result folder (MME's eval_tool layout) keeps its name
-            run.client.log_artifacts(run.run_id, path, artifact_path=f"{folder}/{os.path.basename(path)}")
-        else:
-            run.client.log_artifact(run.run_id, path, artifact_path=folder)
+    Through `components.tracking_outbox.log_or_keep`: with the tracking server away, the metrics and
+    parameters wait in `<out_dir>/mlflow-unsent/` for `bitllava runs replay` and the files stay in out_dir
+    (the evaluation itself is never lost to an outage)."""
+    from components.tracking_outbox import log_or_keep
+
+    delivery = log_or_keep(run.tracking_uri, run.run_id, run.out_dir or ".", metrics=metrics,
+                           params={k: str(v)[:PARAM_VALUE_LIMIT] for k, v in params.items()})
+    if delivery.file:
+        print(f"[eval] MLflow away: the results stay in {run.out_dir}; {delivery.replay_command()}", flush=True)
+        return
+    try:
+        for path, folder in artifacts.items():
+            if os.path.isdir(path):  # a result folder (MME's eval_tool layout) keeps its name
+                run.client.log_artifacts(run.run_id, path, artifact_path=f"{folder}/{os.path.basename(path)}")
+            else:
+                run.client.log_artifact(run.run_id, path, artifact_path=folder)
+    except Exception as err:  # noqa: BLE001 - the files are in out_dir either way
+        print(f"[eval] could not upload the result files to MLflow ({type(err).__name__}: {err}); "
+              f"they are in {run.out_dir}", flush=True)
 
 
 def end_run(run: TrackedRun, ok: bool) -> None:
-    run.client.set_terminated(run.run_id, status="FINISHED" if ok else "FAILED")
+    from components.tracking_outbox import log_or_keep
+
+    log_or_keep(run.tracking_uri, run.run_id, run.out_dir or ".", status="FINISHED" if ok else "FAILED")

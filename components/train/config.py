@@ -45,6 +45,10 @@ class TrainConfig:
     weight_decay: AdamW weight decay.
     adam_betas: AdamW betas.
     max_grad_norm: gradient clipping (0 disables).
+    max_consecutive_skips: an optimizer step whose loss or gradient norm is not finite (inf/NaN, e.g. from a
+        corrupt sample) is skipped: no update, counted in MLflow as `skipped_steps` and logged with the
+        batch's sample ids. More than this many skipped steps in a row stop the run with an error, keeping
+        the last checkpoint (0: the first one stops it).
     checkpoint_every: optimizer steps between checkpoints (a final one is always written).
     seed: model-independent randomness (data order).
     gradient_checkpointing: recompute block activations in the backward pass.
@@ -75,6 +79,7 @@ class TrainConfig:
     weight_decay: float | None = None
     adam_betas: tuple[float, float] | None = None
     max_grad_norm: float = 1.0
+    max_consecutive_skips: int = 10
     checkpoint_every: int = 50
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -109,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
         if self.max_failures < 0:
             raise ValueError("max_failures must be >= 0")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
 
     @property
     def global_batch(self) -> int:

@@ -1,24 +1,26 @@
-"""The Ray Train worker loop: DeepSpeed engine, streaming batches, checkpoints, MLflow on rank 0.
+"""The Ray Train worker loop: model and DeepSpeed engine set-up, then the epochs' optimizer steps.
 
 Runs inside each Ray Train worker (`TorchTrainer(train_loop_per_worker=train_loop)`); DeepSpeed is
-imported here, never in the driver. Every rank saves its ZeRO shard into a temporary folder, then
-all ranks report it together (`ray.train.report` is collective), so a checkpoint on storage holds
-every shard; a restarted run loads it and continues at the same optimizer step on the same data.
+imported here, never in the driver. Shaped like torchtitan's trainer, its parts read and test alone:
+
+    train_step          components/train/step.py         forward/backward/step of one optimizer step;
+                                                          a non-finite loss or gradient norm skips it
+    StepMetrics         components/train/metrics.py      loss, lr, grad norm, throughput, reduced over ranks
+    CheckpointManager   components/train/checkpointing.py every rank's ZeRO shard + trainer state via
+                                                          ray.train.report; restore on restart
+
+A restarted run loads the last checkpoint and continues at the same optimizer step on the same data.
+Skipped steps are counted (MLflow `skipped_steps`) and logged with their samples' ids; more than
+`max_consecutive_skips` in a row stop the run with NonFiniteStepsError before anything else is saved.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-
-TRAINER_STATE = "trainer_state.json"
-DS_TAG = "deepspeed"
 
 
 def apply_recipe(model, phase: str) -> None:
@@ -54,53 +56,34 @@ def peak_tflops(configured: float | None) -> float | None:
     return None
 
 
-def _all_mean(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+def planned_steps(plan: list[dict], cfg) -> int:
+    steps = sum(e["micro_steps"] for e in plan) // cfg.grad_accum
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def train_loop(loop_config: dict) -> None:
-    import deepspeed
-    import ray.train
-    from transformers import get_cosine_schedule_with_warmup
-
-    from components.console import quiet_worker_logs
-    from components.train.config import TrainConfig
-    from components.train.data import collate, micro_batches, shard_name
-    from components.train.deepspeed_config import deepspeed_config
-    from components.train.mlflow_logging import PhaseLogger
+def build_model(cfg):
+    """The init model with the phase's recipe applied, in training mode (the tower stays in eval)."""
     from model.checkpoint import load_model
 
-    quiet_worker_logs()  # after `import deepspeed`, which sets its logger's level
-    cfg = TrainConfig(**loop_config["cfg"])
-    plan, encode = loop_config["plan"], loop_config["encode"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.use_gpu else "cpu")
-    bf16 = cfg.use_gpu
-
     loaded = load_model(cfg.init)
-    model = loaded.model
     if not loaded.multimodal:
         raise ValueError(f"{cfg.init} is not a multimodal bitllava model folder")
+    model = loaded.model
     apply_recipe(model, cfg.phase)
     if cfg.gradient_checkpointing:
         model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model.vision_tower.eval()
-    counts = count_params(model)
+    return loaded
 
-    total_micro = sum(e["micro_steps"] for e in plan)
-    total_steps = total_micro // cfg.grad_accum
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+
+def build_engine(cfg, model, total_steps: int, bf16: bool):
+    """AdamW over the trainable parameters, cosine schedule with warm-up, inside a DeepSpeed engine."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from components.train.deepspeed_config import deepspeed_config
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
@@ -108,95 +91,142 @@ def train_loop(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, model_parameters=params)
+    return engine, scheduler, ds_config
 
-    state = {"global_step": 0, "epoch": 0, "epoch_micro": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG)
-            with open(os.path.join(d, TRAINER_STATE)) as f:
-                state = json.load(f)
-        if rank == 0:
-            print(f"[train] resumed from step {state['global_step']} (epoch {state['epoch']}, "
-                  f"micro-step {state['epoch_micro']})", flush=True)
+
+def optimizer_steps(batches, grad_accum: int):
+    """Consecutive groups of `grad_accum` micro-batches: each group is one optimizer step."""
+    group = []
+    for samples in batches:
+        group.append(samples)
+        if len(group) == grad_accum:
+            yield group
+            group = []
+    assert not group, "an epoch's micro-steps are a multiple of grad_accum (plan_epochs)"
+
+
+def to_device(group: list[list], pad_id: int, encode: str, device, bf16: bool, tokens: list):
+    """The step's micro-batches collated and moved to `device`, one at a time; appends each one's token count."""
+    from components.train.data import collate
+
+    for samples in group:
+        batch = {k: v.to(device) for k, v in collate(samples, pad_id, encode).items()}
+        for key in ("pixel_values", "image_features"):
+            if key in batch and bf16:
+                batch[key] = batch[key].to(torch.bfloat16)
+        tokens.append(int(batch["attention_mask"].sum()))
+        yield batch
+
+
+def train_loop(loop_config: dict) -> None:
+    import deepspeed  # noqa: F401  (before quiet_worker_logs: importing it sets its logger's level)
+    import ray.train
+
+    from components.console import quiet_worker_logs
+    from components.train.checkpointing import CheckpointManager
+    from components.train.config import TrainConfig
+    from components.train.data import micro_batches, shard_name
+    from components.train.metrics import StepMetrics
+    from components.train.mlflow_logging import PhaseLogger
+    from components.train.step import all_reduce_sum, train_step
+
+    quiet_worker_logs()
+    cfg = TrainConfig(**loop_config["cfg"])
+    plan, encode = loop_config["plan"], loop_config["encode"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.use_gpu else "cpu")
+    bf16 = cfg.use_gpu
+
+    loaded = build_model(cfg)
+    model = loaded.model
+    counts = count_params(model)
+    total_steps = planned_steps(plan, cfg)
+    engine, scheduler, ds_config = build_engine(cfg, model, total_steps, bf16)
+
+    checkpoints = CheckpointManager(engine, rank, cfg.checkpoint_every)
+    state = checkpoints.restore(ray.train.get_checkpoint())
+    if rank == 0 and checkpoints.last_step is not None:
+        print(f"[train] resumed from step {state.global_step} (epoch {state.epoch}, "
+              f"micro-step {state.epoch_micro})", flush=True)
 
     logger = PhaseLogger(loop_config["run_id"], cfg) if rank == 0 else None
     if logger:
-        logger.start(counts, ds_config, resumed_at=state["global_step"])
+        logger.start(counts, ds_config, resumed_at=state.global_step)
         print(f"[train] {cfg.phase}: {counts['trainable_params']:,} trainable / {counts['frozen_params']:,} frozen "
               f"params, {world} workers, {total_steps} optimizer steps, ZeRO-{cfg.zero_stage}, "
               f"{'bf16' if bf16 else 'fp32'}", flush=True)
 
-    fpt = flops_per_token(model, cfg.phase)
-    peak = peak_tflops(cfg.peak_tflops)
-
-    def save(metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag=DS_TAG)
-            if rank == 0:
-                with open(os.path.join(d, TRAINER_STATE), "w") as f:
-                    json.dump(state, f)
-            dist.barrier()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-    window = {"loss": 0.0, "tokens": 0, "samples": 0, "micro": 0, "start": time.perf_counter()}
-    metrics = {}
-    done = state["global_step"] >= total_steps
+    step_metrics = StepMetrics(world, all_reduce_sum, flops_per_token(model, cfg.phase), peak_tflops(cfg.peak_tflops))
+    metrics = {}  # the last applied step's, with the skip count (what a checkpoint reports, the final_* metrics)
     for epoch, epoch_plan in enumerate(plan):
-        if done or epoch < state["epoch"]:
+        if state.global_step >= total_steps or epoch < state.epoch:
             continue
         if logger:
             logger.log_epoch(epoch, epoch_plan["samples_used"], epoch_plan["samples_dropped"], world)
         rows = iter(ray.train.get_dataset_shard(shard_name(rank, epoch)).iter_rows())
         batches = micro_batches(rows, epoch_plan["rows"][rank], epoch_plan["micro_steps"], cfg.per_device_batch,
                                 cfg.seed, epoch, cfg.group_by_length, group_batches=world)
-        for micro, samples in enumerate(batches):
-            # Batches already trained on (before a restart) are read but skipped: same data order on resume.
-            if done:
+        for index, group in enumerate(optimizer_steps(batches, cfg.grad_accum)):
+            # Steps already trained on (before a restart) are read but skipped: same data order on resume.
+            if state.global_step >= total_steps:
                 break
-            if epoch == state["epoch"] and micro < state["epoch_micro"]:
+            if epoch == state.epoch and (index + 1) * cfg.grad_accum <= state.epoch_micro:
                 continue
-            batch = {k: v.to(device) for k, v in collate(samples, loaded.tokenizer.pad_token_id, encode).items()}
-            for key in ("pixel_values", "image_features"):
-                if key in batch and bf16:
-                    batch[key] = batch[key].to(torch.bfloat16)
-            boundary = engine.is_gradient_accumulation_boundary()
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            window["loss"] += loss.item()
-            window["tokens"] += int(batch["attention_mask"].sum())
-            window["samples"] += len(samples)
-            window["micro"] += 1
-            state.update(epoch=epoch, epoch_micro=micro + 1)
-            if not boundary:
-                continue
-            state["global_step"] += 1
-            elapsed = time.perf_counter() - window["start"]
-            loss_mean, = _all_mean([window["loss"] / window["micro"]])
-            tokens, samples_n = _all_sum([window["tokens"], window["samples"]])
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "loss": loss_mean,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "tokens_per_s": tokens / elapsed,
-                "samples_per_s": samples_n / elapsed,
-                "step": state["global_step"],
-            }
-            if peak:
-                metrics["mfu"] = metrics["tokens_per_s"] * fpt / (peak * 1e12 * world)
+            tokens = []  # each micro-batch's non-pad tokens, filled as train_step draws them
+            batches_on_device = to_device(group, loaded.tokenizer.pad_token_id, encode, device, bf16, tokens)
+            result = train_step(engine, batches_on_device, world)
+            state.global_step += 1
+            state.epoch, state.epoch_micro = epoch, (index + 1) * cfg.grad_accum
+            state.skips.record(state.global_step, result.skipped)
+            for loss, n_tokens, samples in zip(result.losses, tokens, group):
+                step_metrics.add(loss, n_tokens, len(samples))
+            step = step_metrics.reduce(state.global_step, scheduler.get_last_lr()[0], result.grad_norm,
+                                       state.skips.total)
             if logger:
-                logger.log_step(metrics)
-            window = {"loss": 0.0, "tokens": 0, "samples": 0, "micro": 0, "start": time.perf_counter()}
-            done = state["global_step"] >= total_steps
-            if state["global_step"] % cfg.checkpoint_every == 0 or done:
-                save(metrics)
+                logger.log_step(step)  # a skipped step's loss and grad_norm as they were: NaN / inf
+            step_metrics.reset()
+            if not result.skipped:
+                metrics = step
+            else:
+                ids = _report_skip(state, result, group, world, logger)
+                metrics = {**metrics, "skipped_steps": state.skips.total, "step": state.global_step}
+                if state.skips.exceeded(cfg.max_consecutive_skips):
+                    error = state.skips.error(cfg.max_consecutive_skips, state.global_step, ids, checkpoints.last_step)
+                    if rank == 0:
+                        print(f"[train] {error}", flush=True)
+                    raise error
+            if checkpoints.due(state.global_step, state.global_step >= total_steps):
+                checkpoints.save(state, metrics)
 
     final_dir = loop_config["final_model_dir"]
     _save_final_model(engine, model, loaded, final_dir, rank, cfg.zero_stage)
     if logger:
         logger.finish(final_dir, metrics)
+
+
+def _sample_label(sample) -> str:
+    return f"{sample.id} (#{sample.idx})"
+
+
+def _report_skip(state, result, group: list[list], world: int, logger) -> list[str]:
+    """Gather the skipped step's sample ids from every rank (collective); rank 0 logs them.
+    Returns the ids of the micro-batches whose loss was not finite (all of the step's if none was)."""
+    mine = [([_sample_label(s) for s in samples], finite) for samples, finite in zip(group, result.finite_losses)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    suspects = [i for per_rank in gathered for ids, finite in per_rank if not finite for i in ids]
+    if not suspects:
+        suspects = [i for per_rank in gathered for ids, _ in per_rank for i in ids]
+    if logger:
+        reason = (f"non-finite loss on {result.ranks_nonfinite_loss} of {world} ranks"
+                  if result.ranks_nonfinite_loss else "finite losses")
+        where = ("samples of the micro-batches with a non-finite loss" if result.ranks_nonfinite_loss
+                 else "all samples of the step")
+        print(f"[train] step {state.global_step} skipped: {reason}, grad_norm={result.grad_norm}; "
+              f"{state.skips.consecutive} skipped in a row, {state.skips.total} in all; {where}: "
+              f"{', '.join(suspects)}", flush=True)
+    return suspects
 
 
 def _save_final_model(engine, model, loaded, final_dir: str, rank: int, zero_stage: int) -> None:

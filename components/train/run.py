@@ -18,6 +18,7 @@ from components import storage
 from components.data.store import load_manifest
 from components.console import VERBOSE_ENV
 from components.tracking import create_run, resolve_tracking_uri
+from components.tracking_outbox import unsent_left
 from components.train.config import TrainConfig
 from components.train.data import plan_epochs, rank_datasets
 
@@ -65,7 +66,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
         ray.init(address=address)
     env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "1")}
-    fs, storage_path = storage.filesystem(storage.join(cfg.out, "ray"))
+    # Ray Train's own storage operations (checkpoint registry, restores) retry through outages too
+    fs, storage_path = storage.retrying_filesystem(storage.join(cfg.out, "ray"))
     trainer = TorchTrainer(
         train_loop_per_worker=_train_loop_entry,
         train_loop_config={"cfg": cfg.to_dict(), "plan": plan, "encode": manifest["encode"], "run_id": run_id,
@@ -85,7 +87,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
         dataset_config=DataConfig(datasets_to_split=[], execution_options=_ordered_ingest_options()),
     )
     start = time.time()
-    result = trainer.fit()
+    with storage.surface_outage():  # a spent storage retry budget ends the run with its one-line error
+        result = trainer.fit()
     summary = {
         "phase": cfg.phase,
         "model_dir": final_model_dir(cfg),
@@ -96,6 +99,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
         "seconds": round(time.time() - start, 1),
     }
     print(f"[train] {cfg.phase} done in {summary['seconds']}s -> {summary['model_dir']}", file=sys.stderr)
+    summary["mlflow_unsent"] = unsent_left(cfg.out, run_id)
     return summary
 
 
