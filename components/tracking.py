@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from components import storage
@@ -49,7 +48,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def create_run(tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
                params: dict | None = None, tags: dict | None = None) -> str:
     """Create a run (nested when parent_run_id is given), log params and tags, leave it to be resumed by id."""
-    mlflow.set_tracking_uri(tracking_uri)
+    # an explicit client only: mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for every later
+    # run in this process (a stopped server then broke the next run's default store)
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)

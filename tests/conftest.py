@@ -160,3 +160,16 @@ def mlflow_server(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _keep_mlflow_tracking_uri():
+    """A test that sets $MLFLOW_TRACKING_URI (directly or through MLflow) must not point later tests at its store."""
+    import os
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
