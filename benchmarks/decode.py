@@ -59,7 +59,7 @@ class DenseTernaryLinear(nn.Module):
 
 def build_variant(folder: str, variant: str):
     from model.packed_checkpoint import load_packed
-    from model.packed_linear import PackedBitLinear, _set_submodule
+    from model.packed_linear import PackedBitLinear
 
     if variant.startswith("packed"):
         return load_packed(folder, dtype=torch.bfloat16, head="int8" if variant == "packed_int8_head" else "dense").model
@@ -67,7 +67,7 @@ def build_variant(folder: str, variant: str):
     model = load_packed(folder, dtype=dtype, backend="reference").model
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, PackedBitLinear)]:
         w_q = module.codes().to(dtype) / torch.tensor(module.scale, dtype=dtype)
-        _set_submodule(model, name, DenseTernaryLinear(w_q, module.eps))
+        model.set_submodule(name, DenseTernaryLinear(w_q, module.eps))
     return model
 
 

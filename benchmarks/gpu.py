@@ -24,7 +24,7 @@ Sections (`--sections`, all by default):
   At M = 1 the bytes each kernel must move (weights, x, scales, y) over its time give
   `*_hbm_fraction_m1`, of the datasheet HBM bandwidth and of the measured copy bandwidth.
 - train: one training step (forward, backward, fused AdamW) of the 1b preset's LLM
-  (`model.olmo_bitnet.OLMoBitNetForCausalLM` with `model.presets.PRESETS["1b"].llm`, BitLinear158
+  (`model.backbones.olmo_bitnet.OLMoBitNetForCausalLM` with `model.presets.PRESETS["1b"].llm`, BitLinear158
   blocks, vocab 50280 / embedding 50304), bf16 parameters, random weights and tokens, batch x seq
   tokens (halved on out-of-memory). LLM only: in phase 2 the CLIP tower is frozen (forward-only
   work, no trainable parameters) and the projector holds 6M of 1.18B parameters, so the
@@ -493,7 +493,7 @@ def train_step_bench(config, batch: int, seq: int, steps: int, device, dtype, wa
     """Forward + backward + AdamW on random tokens; median seconds per step after `warmup` steps."""
     import torch
 
-    from model.olmo_bitnet import OLMoBitNetForCausalLM
+    from model.backbones.olmo_bitnet import OLMoBitNetForCausalLM
 
     cuda = torch.device(device).type == "cuda"
     torch.manual_seed(seed)
@@ -536,7 +536,7 @@ def train_step_bench(config, batch: int, seq: int, steps: int, device, dtype, wa
 
 
 def train_section(torch, llm: dict, args, device, mm_flops: float | None) -> dict:
-    from model.olmo_bitnet import OLMoBitNetConfig
+    from model.backbones.olmo_bitnet import OLMoBitNetConfig
 
     config = OLMoBitNetConfig(**llm)  # vocab 50280 / embedding 50304: the config's defaults (DESIGN.md section 3)
     batch = args.train_batch

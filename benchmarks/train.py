@@ -25,7 +25,7 @@ def one_variant(args) -> dict:
     import torch
     from torch import nn
 
-    from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+    from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 
     torch.manual_seed(0)
     config = OLMoBitNetConfig(d_model=args.d_model, n_heads=args.d_model // 64, n_layers=args.layers,

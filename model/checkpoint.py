@@ -1,11 +1,13 @@
-"""Model folders: save and load this project's models and the published OLMo-Bitnet-1B layout.
+"""Model folders: save and load this project's models and the published LLM layouts.
 
-Three layouts load through `load_model`:
+These layouts load through `load_model`:
 - this project's multimodal folder (`config.json` with model_type `bitllava`, safetensors,
-  tokenizer and `preprocessor_config.json`);
+  tokenizer and `preprocessor_config.json`), on any backbone of `model.backbones`;
 - this project's LLM-only folder (model_type `olmo_bitnet`);
 - the published OLMo-Bitnet-1B folder (OLMo's config.json field names, fp32 `pytorch_model.bin`
-  or safetensors with `model.transformer.*` keys, tokenizer.json).
+  or safetensors with `model.transformer.*` keys, tokenizer.json);
+- a transformers `save_pretrained` folder of a Llama, Qwen2, OLMo, OLMo-2 or BitNet LLM (its own key
+  names and tokenizer), loaded as the ternary backbone of that family.
 
 Weights are loaded strictly: a missing, unexpected or mis-shaped tensor is a ValueError naming
 the tensors (transformers' `from_pretrained` would only warn and initialise them randomly).
@@ -19,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from model.backbones import BACKBONES, build_causal_lm, text_config_from_dict
+from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
-from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 from model.tokenizer import olmo_tokenizer_file, with_image_token
 from model.vision import CLIPImageProcessorPil
 
@@ -31,10 +34,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 @dataclass
 class LoadedModel:
-    model: BitLlavaForConditionalGeneration | OLMoBitNetForCausalLM
+    model: BitLlavaForConditionalGeneration | PreTrainedModel  # the multimodal model or a backbone LM
     tokenizer: PreTrainedTokenizerFast
     image_processor: CLIPImageProcessorPil | None
-    layout: str  # "bitllava" | "olmo_bitnet" | "olmo_published"
+    layout: str  # "bitllava" | "olmo_bitnet" | "olmo_published" | a transformers model_type (llama, ...)
 
     @property
     def multimodal(self) -> bool:
@@ -135,9 +138,36 @@ def _read_one(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def tied_weights(model: torch.nn.Module) -> dict[str, str]:
+    """{tied key: key it shares} for every sub-model that ties its output head to its input embedding
+    (transformers' `_tied_weights_keys`, active when its config's tie_word_embeddings is set)."""
+    tied = {}
+    for prefix, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        config = getattr(module, "config", None)
+        if isinstance(keys, dict) and getattr(config, "tie_word_embeddings", False):
+            at = f"{prefix}." if prefix else ""
+            tied.update({at + target: at + source for target, source in keys.items()})
+    return tied
+
+
+def retie(model: torch.nn.Module) -> None:
+    """Make tied heads share their embedding's tensor again (moving a model off `meta` unties them)."""
+    for target, source in tied_weights(model).items():
+        owner, _, name = target.rpartition(".")
+        setattr(model.get_submodule(owner), name, model.get_parameter(source))
+
+
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, refusing missing, unexpected and mis-shaped tensors with their names."""
+    """Copy `state` into `model`, refusing missing, unexpected and mis-shaped tensors with their names.
+
+    A tied head's weight may be absent (transformers saves it once, as the embedding)."""
     expected = model.state_dict()
+    tied = tied_weights(model)
+    state = dict(state)
+    for target, shared in tied.items():
+        if target not in state and shared in state:
+            state[target] = state[shared]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -153,6 +183,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     if problems:
         raise ValueError(f"checkpoint {source} does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
+    retie(model)
 
 
 def read_config(folder: str) -> dict:
@@ -176,33 +207,56 @@ def _published_tokenizer(folder: str, config: OLMoBitNetConfig) -> PreTrainedTok
     return with_image_token(tok)
 
 
+def config_from_dict(raw: dict, folder: str) -> PreTrainedConfig:
+    """The config of this project's folder (bitllava, or an LLM of a registered backbone), else a ValueError."""
+    model_type = raw.get("model_type")
+    if model_type == "bitllava":
+        return BitLlavaConfig.from_dict(raw)
+    if model_type in BACKBONES:
+        return text_config_from_dict(raw)
+    raise ValueError(f"{folder}/config.json: model_type {model_type!r} is neither bitllava nor a backbone LLM "
+                     f"({', '.join(sorted(BACKBONES))})")
+
+
+def model_from_config(raw: dict, folder: str) -> tuple[torch.nn.Module, str]:
+    """(freshly initialised model, layout) of a config.json dict, any supported layout."""
+    model_type = raw.get("model_type")
+    if model_type == "bitllava":
+        return BitLlavaForConditionalGeneration(BitLlavaConfig.from_dict(raw)), "bitllava"
+    if "d_model" in raw and "n_layers" in raw:  # OLMo's own field names (its model_type says "olmo" too)
+        return OLMoBitNetForCausalLM(OLMoBitNetConfig.from_olmo_config(raw)), "olmo_published"
+    if model_type in BACKBONES:
+        return build_causal_lm(text_config_from_dict(raw)), model_type
+    raise ValueError(
+        f"{folder}/config.json is neither a bitllava model nor an LLM of a supported backbone "
+        f"(model_type={model_type!r}; supported: bitllava, {', '.join(sorted(BACKBONES))}, or an OLMo config)"
+    )
+
+
+def load_tokenizer(folder: str) -> PreTrainedTokenizerFast:
+    """A folder's own (fast) tokenizer plus `<image>`; one without a pad token pads with its eos (Llama 3)."""
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise ValueError(f"{folder} has no tokenizer.json (a fast tokenizer is needed for label offsets)")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{folder}'s tokenizer has no eos token: the templates end every answer with it")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return with_image_token(tokenizer)
+
+
 def load_model(path_or_hub_id: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load any supported model folder (or hub id) in eval mode."""
     folder = resolve_model_dir(path_or_hub_id)
     raw = read_config(folder)
-    model_type = raw.get("model_type")
-    if model_type == "bitllava":
-        config = BitLlavaConfig.from_dict(raw)
-        model = BitLlavaForConditionalGeneration(config)
-        layout = "bitllava"
-    elif model_type == "olmo_bitnet":
-        model = OLMoBitNetForCausalLM(OLMoBitNetConfig.from_dict(raw))
-        layout = "olmo_bitnet"
-    elif "d_model" in raw and "n_layers" in raw:
-        model = OLMoBitNetForCausalLM(OLMoBitNetConfig.from_olmo_config(raw))
-        layout = "olmo_published"
-    else:
-        raise ValueError(
-            f"{folder}/config.json is neither a bitllava model, an olmo_bitnet LM nor an OLMo-Bitnet config "
-            f"(model_type={model_type!r})"
-        )
+    model, layout = model_from_config(raw, folder)
     load_state_dict_strict(model, read_state_dict(folder), folder)
     model.to(dtype).eval()
 
     if layout == "olmo_published":
         tokenizer = _published_tokenizer(folder, model.config)
     else:
-        tokenizer = with_image_token(PreTrainedTokenizerFast.from_pretrained(folder))
+        tokenizer = load_tokenizer(folder)
     processor = CLIPImageProcessorPil.from_pretrained(folder) if layout == "bitllava" else None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,9 +1,10 @@
-"""BitLLaVA: CLIP vision tower -> mlp2x_gelu projector -> OLMo-Bitnet LM.
+"""BitLLaVA: CLIP vision tower -> mlp2x_gelu projector -> a ternary LM (OLMo-Bitnet, BitNet, Llama, ...).
 
 Source: Sundaram et al., "LLaVaOLMoBitNet1B: Ternary LLM goes Multimodal!" (2024), built on the
 LLaVA-1.5 recipe. The merge follows transformers' LLaVA: each `<image>` placeholder is expanded
 (by the conversation template) into one token per patch, and the projected patch features are
-scattered over those positions of the token embeddings. A sample may hold several images; the
+scattered over those positions of the token embeddings. The LM is any backbone of
+`model.backbones`, chosen by `text_config.model_type`; the projector's output is its hidden size. A sample may hold several images; the
 features of all images of a batch are concatenated in order of appearance.
 
 Two entry points feed image information:
@@ -16,20 +17,23 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedConfig,
+                          PreTrainedModel)
+from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+from model.backbones import backbone, build_causal_lm, embedding_rows, predicted_vocab
 from model.vision import num_patches, select_patch_features
 
 
 class BitLlavaConfig(PreTrainedConfig):
     """Composite config.
 
-    text_config: the OLMo-Bitnet LM (`OLMoBitNetConfig`).
+    text_config: the LM's config; its model_type picks the backbone (`model.backbones`; default olmo_bitnet).
     vision_config: the CLIP vision tower (`CLIPVisionConfig`).
-    image_token_id: id of the `<image>` placeholder (a spare row of the padded embedding).
+    image_token_id: id of the `<image>` placeholder: a spare row of OLMo's padded embedding (never
+        predicted), or for other backbones a row added to the embedding (and head).
     vision_feature_layer: hidden layer of the tower whose patch tokens are used (-2 in LLaVA-1.5).
     projector_hidden_act: activation between the projector's two linears (`mlp2x_gelu`).
     multimodal_projector_bias: the projector's linears have biases (as in LLaVA).
@@ -37,7 +41,8 @@ class BitLlavaConfig(PreTrainedConfig):
     """
 
     model_type = "bitllava"
-    sub_configs_defaults = {"text_config": OLMoBitNetConfig, "vision_config": CLIPVisionConfig}
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="olmo_bitnet"),
+                            "vision_config": CLIPVisionConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -50,12 +55,13 @@ class BitLlavaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if not 0 <= self.image_token_id < self.text_config.embedding_size:
+        rows = embedding_rows(self.text_config)
+        if not 0 <= self.image_token_id < rows:
             raise ValueError(
-                f"image_token_id {self.image_token_id} must index a row of the embedding "
-                f"(embedding_size {self.text_config.embedding_size})"
+                f"image_token_id {self.image_token_id} must index a row of the embedding ({rows} rows)"
             )
-        if self.image_token_id < self.text_config.vocab_size:
+        spare_row = backbone(self.text_config.model_type).image_token == "spare row"
+        if spare_row and self.image_token_id < predicted_vocab(self.text_config):
             raise ValueError(
                 f"image_token_id {self.image_token_id} lies inside the predicted vocabulary "
                 f"(vocab_size {self.text_config.vocab_size}); it must be an added token"
@@ -71,7 +77,8 @@ class BitLlavaPreTrainedModel(PreTrainedModel):
     config: BitLlavaConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = True
-    _no_split_modules = ["OLMoBitNetBlock", "CLIPEncoderLayer"]
+    _no_split_modules = ["OLMoBitNetBlock", "LlamaDecoderLayer", "Qwen2DecoderLayer", "OlmoDecoderLayer",
+                         "Olmo2DecoderLayer", "BitNetDecoderLayer", "CLIPEncoderLayer"]
     _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -91,7 +98,7 @@ class BitLlavaForConditionalGeneration(BitLlavaPreTrainedModel, GenerationMixin)
         super().__init__(config)
         self.vision_tower = CLIPVisionModel(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)  # Linear -> GELU -> Linear
-        self.language_model = OLMoBitNetForCausalLM(config.text_config)
+        self.language_model = build_causal_lm(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -105,7 +112,7 @@ class BitLlavaForConditionalGeneration(BitLlavaPreTrainedModel, GenerationMixin)
         return select_patch_features(self.vision_tower, pixel_values, self.config.vision_feature_layer)
 
     def project(self, image_features: torch.Tensor) -> torch.Tensor:
-        """(N, patches, vision_hidden) -> (N, patches, d_model)."""
+        """(N, patches, vision_hidden) -> (N, patches, LM hidden)."""
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         return self.multi_modal_projector(image_features.to(dtype))
 

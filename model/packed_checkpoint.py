@@ -2,7 +2,7 @@
 
 A packed folder is a model folder (`model.checkpoint`) whose block linears are packed ternary:
 
-    config.json                 the model's config (model_type bitllava or olmo_bitnet) plus a
+    config.json                 the model's config (model_type bitllava or a backbone LLM's) plus a
                                 "packing" section: format, version, the packed tensors' true
                                 shapes, and every other file's size in bytes and sha256
     model.safetensors           <linear>.weight_packed  uint8, `model.packing` layout of `format`
@@ -25,16 +25,13 @@ import os
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import PreTrainedTokenizerFast
 
 from model.bitlinear import ternary_codes
-from model.checkpoint import LoadedModel, load_state_dict_strict
+from model.checkpoint import LoadedModel, config_from_dict, load_state_dict_strict, load_tokenizer, tied_weights
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
-from model.olmo_bitnet import OLMoBitNetConfig
 from model.packed_linear import PackedBitLinear, pack_bitlinears, set_backend
-from model.packed_model import empty_packed_model, packed_lm
+from model.packed_model import empty_packed_model, set_head
 from model.packing import FORMATS, PackedTernary, check_format, pack, packed_shape, to_runtime, unpack
-from model.tokenizer import with_image_token
 from model.vision import CLIPImageProcessorPil
 
 PACKING_VERSION = 1
@@ -81,7 +78,10 @@ def save_packed(folder: str, model, tokenizer, image_processor=None, fmt: str = 
         tensors[name + PACKED_SUFFIX] = packed.data.contiguous()
         tensors[name + SCALE_SUFFIX] = torch.tensor([module.scale], dtype=torch.float32)
         shapes[name] = [module.out_features, module.in_features]
+    tied = tied_weights(model)  # a tied head is stored once, as the embedding (as transformers does)
     for key, value in model.state_dict().items():
+        if key in tied:
+            continue
         tensors[key] = value.detach().to(torch.bfloat16 if value.is_floating_point() else value.dtype).contiguous().cpu()
     save_file(tensors, os.path.join(folder, WEIGHTS), metadata={"format": "bitllava-packed", "packing": fmt})
     tokenizer.save_pretrained(folder)
@@ -96,9 +96,11 @@ def save_packed(folder: str, model, tokenizer, image_processor=None, fmt: str = 
     }
     weights = sum(math.prod(s) for s in shapes.values())
     code_bytes = sum(tensors[n + PACKED_SUFFIX].numel() for n in shapes)
+    text = model.config.text_config if isinstance(model.config, BitLlavaConfig) else model.config
     packing = {
         "format": fmt,
         "version": PACKING_VERSION,
+        "backbone": text.model_type,
         "bitlinear_weights": weights,
         "bitlinear_code_bytes": code_bytes,
         "bitlinear_scale_bytes": 4 * len(shapes),
@@ -159,15 +161,6 @@ def verify_packed(folder: str, packing: dict) -> None:
             )
 
 
-def _model_config(raw: dict, folder: str) -> BitLlavaConfig | OLMoBitNetConfig:
-    model_type = raw.get("model_type")
-    if model_type == "bitllava":
-        return BitLlavaConfig.from_dict(raw)
-    if model_type == "olmo_bitnet":
-        return OLMoBitNetConfig.from_dict(raw)
-    raise ValueError(f"{folder}/config.json: model_type {model_type!r} is neither bitllava nor olmo_bitnet")
-
-
 @torch.no_grad()
 def load_packed_weights(model, folder: str, packing: dict) -> None:
     """Fill `model` (from `empty_packed_model`) from the folder's safetensors, refusing any mismatch by name."""
@@ -226,24 +219,24 @@ def load_packed(
     raw, packing = read_packing(folder)
     if verify:
         verify_packed(folder, packing)
-    config = _model_config(raw, folder)
+    config = config_from_dict(raw, folder)
     model = empty_packed_model(config, dtype=dtype, initialise=False)
     load_packed_weights(model, folder, packing)
     model.eval()
     set_backend(model, backend)
-    packed_lm(model).set_head(head, backend)
+    set_head(model, head, backend)
     multimodal = isinstance(model, BitLlavaForConditionalGeneration)
-    tokenizer = with_image_token(PreTrainedTokenizerFast.from_pretrained(folder))
+    tokenizer = load_tokenizer(folder)
     processor = CLIPImageProcessorPil.from_pretrained(folder) if multimodal else None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.packing = {k: packing[k] for k in ("format", "version")}
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=processor,
-                       layout="bitllava" if multimodal else "olmo_bitnet")
+                       layout="bitllava" if multimodal else config.model_type)
 
 
 @torch.no_grad()
-def random_packed_model(config: BitLlavaConfig | OLMoBitNetConfig, seed: int = 0):
+def random_packed_model(config, seed: int = 0):
     """A packed model with random weights, one block linear at a time (for benchmarks).
 
     Each block weight is drawn N(0, init_std) in float32, quantised with `ternary_codes` and packed
@@ -251,9 +244,10 @@ def random_packed_model(config: BitLlavaConfig | OLMoBitNetConfig, seed: int = 0
     """
     model = empty_packed_model(config)
     text = config.text_config if isinstance(config, BitLlavaConfig) else config
+    std = getattr(text, "init_std", None) or getattr(text, "initializer_range", 0.02)
     generator = torch.Generator().manual_seed(seed)
     for module in packed_modules(model).values():
-        w = torch.empty(module.out_features, module.in_features).normal_(0.0, text.init_std, generator=generator)
+        w = torch.empty(module.out_features, module.in_features).normal_(0.0, std, generator=generator)
         module.load_codes(*ternary_codes(w))
     return model
 

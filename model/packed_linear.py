@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from model.bitlinear import BitLinear158, ternary_codes
-from model.kernels import BACKENDS, packed_linear_forward, resolve_backend
+from model.kernels import BACKENDS, packed_linear_forward, packed_linear_unnormed, resolve_backend
 from model.packing import BLOCK, PackedTernary, pack_2bit, packed_shape, unpack
 
 
@@ -32,23 +32,37 @@ class PackedBitLinear(nn.Module):
     """Ternary linear (no bias) reading 2-bit packed codes; `backend` is "auto", "cpu", "triton" or "reference"."""
 
     def __init__(self, in_features: int, out_features: int, eps: float = 1e-5, backend: str = "auto",
-                 device: torch.device | str | None = None):
-        """An empty layer: its codes are set by `load_codes` / `load_packed` (or `from_bitlinear`)."""
+                 device: torch.device | str | None = None, bias: bool = False, input_norm: bool = True):
+        """An empty layer: its codes are set by `load_codes` / `load_packed` (or `from_bitlinear`).
+
+        bias and input_norm as in BitLinear158: a full-precision bias (a regular, saved parameter) added
+        after the ternary product; whether the layer RMS-normalises its own input.
+        """
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.eps = eps
         self.backend = backend
+        self.input_norm = input_norm
         shape = packed_shape((out_features, in_features), "2bit")  # (out, Kp / 4)
         self.register_buffer("weight_packed", torch.empty(shape, dtype=torch.uint8, device=device), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self.scale = 1.0  # s_w; w_q = codes / s_w
+
+    @classmethod
+    def like(cls, layer: BitLinear158, backend: str = "auto", device=None) -> "PackedBitLinear":
+        """An empty packed layer of `layer`'s shape, bias and input norm."""
+        return cls(layer.in_features, layer.out_features, layer.eps, backend, device=device,
+                   bias=layer.bias is not None, input_norm=layer.input_norm)
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear158, backend: str = "auto") -> "PackedBitLinear":
         """Quantise a trained layer's latent weight with the training quantiser and pack it."""
-        packed = cls(layer.in_features, layer.out_features, layer.eps, backend, device=layer.weight.device)
+        packed = cls.like(layer, backend, device=layer.weight.device)
         codes, s_w = ternary_codes(layer.weight.detach())
         packed.load_codes(codes, s_w)
+        if layer.bias is not None:
+            packed.bias.data = layer.bias.detach().clone()
         return packed
 
     @torch.no_grad()
@@ -79,17 +93,19 @@ class PackedBitLinear(nn.Module):
         # x: (..., in) -> (..., out)
         lead = x.shape[:-1]
         backend = resolve_backend(x.device, self.backend)
-        y = packed_linear_forward(x.reshape(-1, self.in_features), self.eps, self.weight_packed, self.scale, backend)
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_norm:
+            y = packed_linear_forward(x2, self.eps, self.weight_packed, self.scale, backend)
+        else:  # the model's own norms came before (SubLN): quantise the input as it is
+            y = packed_linear_unnormed(x2, self.weight_packed, self.scale, backend)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)  # (M, out) -> (..., out)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, eps={self.eps}, "
-                f"bits=2, block={BLOCK}, backend={self.backend}")
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+                f"bias={self.bias is not None}, input_norm={self.input_norm}, bits=2, block={BLOCK}, "
+                f"backend={self.backend}")
 
 
 @torch.no_grad()
@@ -97,7 +113,7 @@ def pack_bitlinears(model: nn.Module, backend: str = "auto") -> int:
     """Swap every BitLinear158 of `model` for a PackedBitLinear (in place); returns how many were swapped."""
     names = [n for n, m in model.named_modules() if isinstance(m, BitLinear158)]
     for name in names:
-        _set_submodule(model, name, PackedBitLinear.from_bitlinear(model.get_submodule(name), backend))
+        model.set_submodule(name, PackedBitLinear.from_bitlinear(model.get_submodule(name), backend))
     return len(names)
 
 

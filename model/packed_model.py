@@ -1,4 +1,4 @@
-"""Packed models: the same OLMo-Bitnet LM (and BitLLaVA) with PackedBitLinear blocks.
+"""Packed models: the same ternary LM (any backbone) and BitLLaVA with PackedBitLinear blocks.
 
 Sources: BitNet b1.58 inference (Ma et al., 2024; bitnet.cpp) for the packed block linears
 (`model.packed_linear`); LLM.int8()-style per-row absmax int8 (Dettmers et al., 2022, without the
@@ -11,6 +11,9 @@ head can run from an int8 copy (1 byte per weight, one float32 scale per row).
   the AVX2 kernel computes it with float32 accumulation, otherwise `F.linear`, as the LM does);
 - "int8": logits from an int8 copy of wte[:V] with per-row scales (weight-only quantisation:
   h stays in float, the int8 rows are widened inside the kernel).
+
+Other backbones (transformers LMs) keep their own `lm_head` (tied or not) for "dense"; "int8" swaps it
+for an `Int8Head` of its weight (`set_head`).
 
 `empty_packed_model(config)` builds a model whose BitLinear158 layers are PackedBitLinear from the
 start (constructed on the meta device, so no float block weights are ever allocated or
@@ -26,9 +29,11 @@ from transformers import PreTrainedModel
 
 from model.bitlinear import BitLinear158
 from model.kernels import BACKENDS, head_matmul, resolve_backend
+from model.backbones import build_causal_lm
+from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+from model.checkpoint import retie
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
-from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
-from model.packed_linear import PackedBitLinear, _set_submodule
+from model.packed_linear import PackedBitLinear
 
 HEADS = ("dense", "int8")
 
@@ -103,8 +108,34 @@ class PackedOLMoBitNetForCausalLM(OLMoBitNetForCausalLM):
         return F.linear(h, w)
 
 
-def packed_lm(model: BitLlavaForConditionalGeneration | PackedOLMoBitNetForCausalLM) -> PackedOLMoBitNetForCausalLM:
+def language_model(model: nn.Module) -> nn.Module:
     return model.language_model if isinstance(model, BitLlavaForConditionalGeneration) else model
+
+
+def set_head(model: nn.Module, head: str, backend: str = "auto") -> None:
+    """Choose the output head of a packed model: "dense" (the model's own) or "int8" (`Int8Head`)."""
+    lm = language_model(model)
+    if isinstance(lm, PackedOLMoBitNetForCausalLM):
+        lm.set_head(head, backend)
+        return
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {list(BACKENDS)}")
+    if head == "int8" and not isinstance(lm.lm_head, Int8Head):
+        lm.lm_head = Int8Head(lm.lm_head.weight, backend)  # a tied embedding keeps its own tensor
+
+
+def head_kind(model: nn.Module) -> str:
+    lm = language_model(model)
+    if isinstance(lm, PackedOLMoBitNetForCausalLM):
+        return lm.head_kind
+    return "int8" if isinstance(getattr(lm, "lm_head", None), Int8Head) else "dense"
+
+
+def _packed_lm(config) -> nn.Module:
+    """The LM of `config` as a packed model builds it (OLMo-Bitnet gets the pluggable-head subclass)."""
+    return PackedOLMoBitNetForCausalLM(config) if isinstance(config, OLMoBitNetConfig) else build_causal_lm(config)
 
 
 def _init_non_persistent_buffers(model: nn.Module) -> None:
@@ -117,7 +148,7 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def empty_packed_model(config: BitLlavaConfig | OLMoBitNetConfig, dtype: torch.dtype = torch.float32,
+def empty_packed_model(config, dtype: torch.dtype = torch.float32,
                        initialise: bool = True, device: str = "cpu"):
     """The skeleton of a packed model of `config` in `dtype`, for a loader to fill.
 
@@ -129,13 +160,14 @@ def empty_packed_model(config: BitLlavaConfig | OLMoBitNetConfig, dtype: torch.d
     with torch.device("meta"):
         if isinstance(config, BitLlavaConfig):
             model = BitLlavaForConditionalGeneration(config)
-            model.language_model = PackedOLMoBitNetForCausalLM(config.text_config)
+            model.language_model = _packed_lm(config.text_config)
         else:
-            model = PackedOLMoBitNetForCausalLM(config)
+            model = _packed_lm(config)
         for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear158)]:
-            _set_submodule(model, name, PackedBitLinear(module.in_features, module.out_features, module.eps))
+            model.set_submodule(name, PackedBitLinear.like(module))
     model.to(dtype)  # on meta: free, and the real tensors are then allocated once, in `dtype`
     model.to_empty(device=device)
+    retie(model)  # to_empty gives a tied head a tensor of its own
     if initialise:
         model.initialize_weights()
     else:

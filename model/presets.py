@@ -1,7 +1,10 @@
-"""Model presets: `1b` (LLaVaOLMoBitNet1B's shapes) and `tiny` (the same code, CPU-sized).
+"""Model presets: `1b` (LLaVaOLMoBitNet1B's shapes), `tiny` (the same code, CPU-sized) and
+`bitnet-2b-4t` (CLIP ViT-L/14-336 on microsoft/bitnet-b1.58-2B-4T's shapes).
 
 A preset is a recipe for a `BitLlavaConfig` plus its tokenizer and image processor. Weights are
-random: real weights come from checkpoints (`model.checkpoint`).
+random: real weights come from checkpoints (`model.checkpoint`). A preset whose tokenizer is not
+shipped (`bitnet-2b-4t`: LLaMA 3's) describes shapes only; its model is built from the LLM's own
+folder (`bitllava model init --llm microsoft/bitnet-b1.58-2B-4T-bf16`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from typing import Callable
 import torch
 from transformers import CLIPVisionConfig, PreTrainedTokenizerFast
 
+from model.backbones import embedding_rows, hidden_size, text_config_from_dict
 from model.bitlinear import BitLinear158
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
-from model.olmo_bitnet import OLMoBitNetConfig
+from model.backbones.olmo_bitnet import OLMoBitNetConfig
 from model.tokenizer import build_tiny_tokenizer, image_token_id, load_olmo_tokenizer
 from model.vision import build_image_processor, clip_vit_l14_config
 
@@ -27,10 +31,13 @@ def _round_up(n: int, multiple: int) -> int:
 class Preset:
     name: str
     description: str
-    tokenizer: Callable[[], PreTrainedTokenizerFast]
+    tokenizer: Callable[[], PreTrainedTokenizerFast] | None  # None: the LLM folder's own
     vision: Callable[[], CLIPVisionConfig]
-    llm: dict  # OLMoBitNetConfig fields other than vocab sizes and special tokens
+    llm: dict  # olmo_bitnet: OLMoBitNetConfig fields other than vocab sizes and special tokens;
+    #            other backbones: the published config.json's fields (model_type included)
     max_length: int  # default training sequence length
+    backbone: str = "olmo_bitnet"
+    source: str = ""  # where `llm`'s numbers come from
 
 
 def _tiny_vision() -> CLIPVisionConfig:
@@ -58,6 +65,19 @@ PRESETS: dict[str, Preset] = {
         llm=dict(d_model=128, n_heads=4, n_layers=2, mlp_ratio=8, max_sequence_length=512),
         max_length=256,
     ),
+    "bitnet-2b-4t": Preset(
+        name="bitnet-2b-4t",
+        description="CLIP ViT-L/14-336 + mlp2x_gelu + BitNet b1.58 2B-4T (d 2560, 30 layers, GQA 20/5, SubLN)",
+        tokenizer=None,
+        vision=lambda: clip_vit_l14_config(336),
+        llm=dict(model_type="bitnet", vocab_size=128256, hidden_size=2560, intermediate_size=6912,
+                 num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=5, hidden_act="relu2",
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                 bos_token_id=128000, eos_token_id=128001),
+        max_length=2048,
+        backbone="bitnet",
+        source="microsoft/bitnet-b1.58-2B-4T(-bf16) config.json",
+    ),
 }
 
 
@@ -67,9 +87,17 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def preset_config(name: str) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast]:
-    """The preset's config, with vocabulary sizes and special tokens taken from its tokenizer."""
+def preset_config(name: str) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast | None]:
+    """The preset's config, with vocabulary sizes and special tokens taken from its tokenizer.
+
+    A preset without a shipped tokenizer gets `<image>` as one added row after its vocabulary (what
+    `model init --llm` does with the LLM's own tokenizer) and None for the tokenizer."""
     preset = get_preset(name)
+    if preset.tokenizer is None:
+        text = text_config_from_dict({**preset.llm, "vocab_size": preset.llm["vocab_size"] + 1})
+        config = BitLlavaConfig(text_config=text, vision_config=preset.vision(), image_token_id=preset.llm["vocab_size"])
+        config.eos_token_id = text.eos_token_id
+        return config, None
     tokenizer = preset.tokenizer()
     image_id = image_token_id(tokenizer)
     base_vocab = image_id  # every id below <image> is a real, predictable token
@@ -89,6 +117,9 @@ def preset_config(name: str) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast]:
 def build_from_preset(name: str, seed: int = 0):
     """Random-weight model, tokenizer and image processor of a preset."""
     config, tokenizer = preset_config(name)
+    if tokenizer is None:
+        raise ValueError(f"the {name} preset has no shipped tokenizer: build it on its LLM's folder "
+                         f"(bitllava model init --preset {name} --llm FOLDER_OR_HUB_ID)")
     torch.manual_seed(seed)
     model = BitLlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -115,16 +146,26 @@ def count_parameters(model: BitLlavaForConditionalGeneration) -> dict:
 
 def describe(name: str) -> dict:
     """Counts and shapes of a preset, built on the meta device (no memory, no init time)."""
-    config, tokenizer = preset_config(name)
+    config, _ = preset_config(name)
+    preset = get_preset(name)
     with torch.device("meta"):
         model = BitLlavaForConditionalGeneration(config)
     text, vision = config.text_config, config.vision_config
-    info = {"preset": name, "description": get_preset(name).description, **count_parameters(model)}
+    info = {"preset": name, "description": preset.description, "backbone": text.model_type,
+            **count_parameters(model)}
+    lm = {k: getattr(text, k) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                        "intermediate_size") if hasattr(text, k)}
     info.update(
-        d_model=text.d_model, n_layers=text.n_layers, n_heads=text.n_heads, mlp_hidden_size=text.mlp_hidden_size,
-        vocab_size=text.vocab_size, embedding_size=text.embedding_size, image_token_id=config.image_token_id,
+        d_model=hidden_size(text), n_layers=text.num_hidden_layers, n_heads=text.num_attention_heads,
+        n_kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
+        mlp_hidden_size=getattr(text, "mlp_hidden_size", None) or lm.get("intermediate_size"),
+        vocab_size=text.vocab_size, embedding_size=embedding_rows(text), image_token_id=config.image_token_id,
         image_size=vision.image_size, patch_size=vision.patch_size, image_tokens=config.num_image_tokens,
         vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
         bitlinear_bf16_bytes=2 * info["bitlinear_weights"], bitlinear_2bit_bytes=info["bitlinear_weights"] // 4,
     )
+    if preset.tokenizer is None:  # the LLM as published: without the added <image> row
+        tied = getattr(text, "tie_word_embeddings", False)
+        info["llm_params_published"] = info["llm_params"] - hidden_size(text) * (1 if tied else 2)
+        info["llm_source"] = preset.source
     return info

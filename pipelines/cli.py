@@ -190,7 +190,21 @@ def _cmd_model_init(args) -> int:
     model, tokenizer, processor = init_model(args.preset, seed=args.seed, vision=paths.model_ref(args.vision),
                                              llm=paths.model_ref(args.llm))
     save_model(out, model, tokenizer, processor)
-    print(json.dumps({"model_dir": out, "preset": args.preset, **count_parameters(model)}))
+    print(json.dumps({"model_dir": out, "preset": args.preset, "backbone": model.config.text_config.model_type,
+                      **count_parameters(model)}))
+    return 0
+
+
+def _cmd_model_import_llava(args) -> int:
+    from components import paths
+    from model.checkpoint import save_model
+    from model.llava_import import import_llava_olmo_bitnet
+    from model.presets import count_parameters
+
+    out = paths.local_path(args.out)
+    model, tokenizer, processor = import_llava_olmo_bitnet(paths.model_ref(args.source))
+    save_model(out, model, tokenizer, processor)
+    print(json.dumps({"model_dir": out, "source": args.source, **count_parameters(model)}))
     return 0
 
 
@@ -442,16 +456,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="inspect model presets").add_subparsers(dest="model_command", required=True)
     info = model.add_parser("info", help="parameter counts and shapes of a preset")
-    info.add_argument("--preset", required=True, help="preset name: 1b or tiny")
+    info.add_argument("--preset", required=True, help="preset name: 1b, tiny or bitnet-2b-4t")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_cmd_model_info)
     init = model.add_parser("init", help="write a starting model folder (random preset or pretrained parts)")
-    init.add_argument("--preset", required=True, help="tiny or 1b")
+    init.add_argument("--preset", required=True,
+                      help="tiny, 1b or bitnet-2b-4t: the vision tower's shape (and the LM's, without --llm)")
     init.add_argument("--out", required=True, help="model folder to write")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--vision", default=None, help="CLIP vision weights: folder or hub id")
-    init.add_argument("--llm", default=None, help="OLMo-Bitnet LM: folder or hub id")
+    init.add_argument("--llm", default=None,
+                      help="LM folder or hub id: OLMo-Bitnet, or a transformers Llama, Qwen2, OLMo, OLMo-2 or "
+                           "BitNet folder (made ternary; the projector follows its hidden size)")
     init.set_defaults(func=_cmd_model_init)
+    imp = model.add_parser("import-llava", help="import the paper's released LlavaOLMoBitnet1B (LLaVA layout)")
+    imp.add_argument("source", help="IntelLabs/LlavaOLMoBitnet1B (gated: log in first) or its downloaded folder")
+    imp.add_argument("--out", required=True, help="model folder to write (this project's layout)")
+    imp.set_defaults(func=_cmd_model_import_llava)
 
     gen = sub.add_parser("generate", help="one-shot generation from a model folder or hub id")
     gen.add_argument("--model", required=True,

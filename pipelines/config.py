@@ -142,7 +142,8 @@ class PipelineConfig:
     preset: model preset ("tiny", "1b").
     out: storage root for every step's output (local folder or s3://bucket/prefix).
     seed: seed of the random initial weights and data order.
-    vision / llm: pretrained CLIP tower / OLMo-Bitnet LM (folder or hub id); null keeps random weights.
+    vision / llm: pretrained CLIP tower / LM (folder or hub id: OLMo-Bitnet, or a transformers Llama, Qwen2,
+        OLMo, OLMo-2 or BitNet LLM, made ternary); null keeps the preset's random weights.
     data: see DataSources.
     preprocess: see PreprocessSettings.
     align / instruct: TrainConfig fields; `config:` names a YAML of them (relative to pipelines/configs/).
@@ -167,9 +168,12 @@ class PipelineConfig:
     def __post_init__(self):
         from model.presets import get_preset
 
-        get_preset(self.preset)
+        preset = get_preset(self.preset)
         self.out = paths.local_path(self.out)
         self.vision, self.llm = paths.model_ref(self.vision), paths.model_ref(self.llm)
+        if preset.tokenizer is None and self.llm is None:
+            raise ValueError(f"preset {self.preset!r} needs llm: (its LM, tokenizer and shapes come from the LLM "
+                             "folder or hub id, e.g. microsoft/bitnet-b1.58-2B-4T-bf16)")
         self.data = from_mapping(DataSources, self.data, "data")
         self.preprocess = from_mapping(PreprocessSettings, self.preprocess, "preprocess")
         self.eval = from_mapping(EvalSettings, self.eval, "eval")

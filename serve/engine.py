@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from model.backbones import context_length
 from serve.detokenizer import IncrementalDetokenizer, skipped_token_ids
 from serve.detokenizer import held_back as _held_back  # noqa: F401 - kept importable from here
 
@@ -101,7 +102,7 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         text_config = getattr(model.config, "text_config", model.config)
-        self.max_context = max_context or text_config.max_sequence_length
+        self.max_context = max_context or context_length(text_config)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._skipped_ids = skipped_token_ids(tokenizer)  # what decode(skip_special_tokens=True) drops

@@ -46,12 +46,11 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import PreTrainedTokenizerFast
 
+from model.backbones import context_length
+from model.checkpoint import config_from_dict, load_tokenizer
 from model.multimodal import BitLlavaConfig
-from model.olmo_bitnet import OLMoBitNetConfig
 from model.packed_checkpoint import read_packing
-from model.tokenizer import with_image_token
 from model.vision import CLIPImageProcessorPil, preprocess_images
 from serve.engine import GenerationRequest, SamplingParams
 from serve.errors import (AUTHENTICATION, INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, UNAVAILABLE, APIError,
@@ -84,23 +83,14 @@ class ModelInfo:
 
     def __init__(self, folder: str):
         raw, _ = read_packing(folder)
-        if raw.get("model_type") == "bitllava":
-            config = BitLlavaConfig.from_dict(raw)
-            self.multimodal = True
-            self.template = config.template
-            self.num_image_tokens = config.num_image_tokens
-            self.context = config.text_config.max_sequence_length
-            self.processor = CLIPImageProcessorPil.from_pretrained(folder)
-        elif raw.get("model_type") == "olmo_bitnet":
-            config = OLMoBitNetConfig.from_dict(raw)
-            self.multimodal = False
-            self.template = "v1"
-            self.num_image_tokens = 0
-            self.context = config.max_sequence_length
-            self.processor = None
-        else:
-            raise ValueError(f"{folder}: model_type {raw.get('model_type')!r} is neither bitllava nor olmo_bitnet")
-        self.tokenizer = with_image_token(PreTrainedTokenizerFast.from_pretrained(folder))
+        config = config_from_dict(raw, folder)
+        self.multimodal = isinstance(config, BitLlavaConfig)
+        text = config.text_config if self.multimodal else config
+        self.template = config.template if self.multimodal else "v1"
+        self.num_image_tokens = config.num_image_tokens if self.multimodal else 0
+        self.context = context_length(text)
+        self.processor = CLIPImageProcessorPil.from_pretrained(folder) if self.multimodal else None
+        self.tokenizer = load_tokenizer(folder)
 
 
 def upstream_error(err: BaseException) -> APIError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 from model.presets import build_from_preset
 from model.tokenizer import build_tiny_tokenizer, load_olmo_tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_model, save_model
-from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 from model.tokenizer import olmo_tokenizer_file
 
 # The published config.json's fields (NousResearch/OLMo-Bitnet-1B), at a small size.

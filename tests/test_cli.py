@@ -69,7 +69,7 @@ def test_generate_text_only_from_published_llm(tmp_path):
 
     import torch
 
-    from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+    from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
     from model.tokenizer import olmo_tokenizer_file
 
     torch.manual_seed(0)

@@ -182,7 +182,7 @@ def test_check_kernel_tolerates_approximate_division_but_not_wrong_dots():
 # ---- the training step, tiny, on CPU ---------------------------------------------------------------
 
 def test_train_step_bench_tiny_cpu():
-    from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+    from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 
     config = OLMoBitNetConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=100, embedding_size=128,
                               max_sequence_length=64, eos_token_id=0, pad_token_id=1)

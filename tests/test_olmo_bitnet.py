@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 
 
 def _reference_forward(state: dict, cfg: OLMoBitNetConfig, ids: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,6 @@ def test_save_and_from_pretrained(tiny_llm, tmp_path):
     [
         (dict(d_model=60, n_heads=8), "multiple of n_heads"),
         (dict(vocab_size=200, embedding_size=100), "embedding_size"),
-        (dict(weight_tying=False), "weight_tying"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):

@@ -132,7 +132,7 @@ def test_report_counts_bits_and_bytes(tiny_checkpoint, tmp_path):
 
 
 def test_published_olmo_layout_packs_to_an_llm_folder(tmp_path):
-    from model.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
+    from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
     from model.tokenizer import olmo_tokenizer_file
     from tests.test_checkpoint import PUBLISHED_CONFIG
 

@@ -48,10 +48,15 @@ def test_paper_recipe_values():
     cfg = load_pipeline_config(os.path.join(ROOT, "pipelines", "configs", "llava-olmo-bitnet-1b.yaml"))
     assert cfg.preset == "1b" and cfg.out.startswith("s3://")
     assert cfg.vision == "openai/clip-vit-large-patch14-336" and cfg.llm == "NousResearch/OLMo-Bitnet-1B"
+    bitnet = load_pipeline_config(os.path.join(ROOT, "pipelines", "configs", "llava-bitnet-2b.yaml"))
+    assert bitnet.preset == "bitnet-2b-4t" and bitnet.llm == "microsoft/bitnet-b1.58-2B-4T-bf16"
+    assert (bitnet.instruct["per_device_batch"] * bitnet.instruct["grad_accum"]
+            == instruct.per_device_batch * instruct.grad_accum)  # the same global batch on 8 workers
 
 
 @pytest.mark.parametrize("change, message", [
     ({"preset": "7b"}, "unknown preset"),
+    ({"preset": "bitnet-2b-4t"}, "needs llm"),
     ({"eval": {"tasks": ["mmlu"]}}, "unknown eval tasks"),
     ({"bogus": 1}, "unknown settings"),
     ({"data": {"synth": None}}, "needs either"),

@@ -56,8 +56,9 @@ def test_readme_command_line_block_runs_as_written(tmp_path):
     def output(prefix: str) -> list[str]:
         return [out for command, out in outputs if command.startswith(prefix)]
 
-    info = json.loads(output("bitllava model info")[0])
+    info, bitnet = (json.loads(out) for out in output("bitllava model info"))
     assert info["llm_params"] == 1_176_832_000
+    assert bitnet["llm_params_published"] == 2_412_820_480 and bitnet["bitlinear_weights"] == 2_084_044_800
     manifest = json.loads((tmp_path / "stores" / "align" / "manifest.json").read_text())
     assert manifest["counts"]["bad"] > 0 and len(manifest["parts"]) == 1  # one part, yet 2 workers train on it
     train = json.loads(output("bitllava train")[0].strip().splitlines()[-1])

@@ -122,19 +122,18 @@ class PreprocessConfig:
 
 def load_processing(cfg: PreprocessConfig):
     """(tokenizer, image processor, image tokens per image, max_length, model config) of the run's model."""
-    from transformers import PreTrainedTokenizerFast
-
+    from model.backbones import context_length
+    from model.checkpoint import load_tokenizer
     from model.multimodal import BitLlavaConfig
     from model.presets import get_preset, preset_config
-    from model.tokenizer import with_image_token
     from model.vision import CLIPImageProcessorPil, build_image_processor
 
     if cfg.model:
         with open(os.path.join(cfg.model, "config.json")) as f:
             config = BitLlavaConfig.from_dict(json.load(f))
-        tokenizer = with_image_token(PreTrainedTokenizerFast.from_pretrained(cfg.model))
+        tokenizer = load_tokenizer(cfg.model)
         processor = CLIPImageProcessorPil.from_pretrained(cfg.model)
-        max_length = cfg.max_length or config.text_config.max_sequence_length
+        max_length = cfg.max_length or context_length(config.text_config)
     else:
         config, tokenizer = preset_config(cfg.preset)
         processor = build_image_processor(config.vision_config.image_size)

@@ -77,6 +77,13 @@ def packed_linear_forward(x: torch.Tensor, eps: float, w: torch.Tensor, w_scale:
     return ternary_linear_normed(rms_norm(x, eps), w, w_scale, backend).to(x.dtype)
 
 
+def packed_linear_unnormed(x: torch.Tensor, w: torch.Tensor, w_scale: float, backend: str) -> torch.Tensor:
+    """BitLinear158's forward without its own norm (BitNet 2B-4T): x (M, K) -> y (M, N) in x's dtype."""
+    if backend == "cpu" and x.dtype not in CPU_DTYPES:
+        backend = "reference"
+    return ternary_linear_normed(x.contiguous(), w, w_scale, backend).to(x.dtype)
+
+
 def ternary_linear_normed(x_n: torch.Tensor, w: torch.Tensor, w_scale: float, backend: str) -> torch.Tensor:
     """x_n = rms_norm(x): (M, K) float -> float32 (M, N): per-token int8 quantisation, then the packed linear.
 

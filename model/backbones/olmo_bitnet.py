@@ -46,7 +46,8 @@ class OLMoBitNetConfig(PreTrainedConfig):
     max_sequence_length: longest sequence RoPE is used for.
     rope_theta: RoPE base.
     layer_norm_eps: eps of every RMSNorm, the BitLinear inner one included.
-    weight_tying: the output head is the input embedding (always true for OLMo-Bitnet).
+    weight_tying: the output head is the input embedding (OLMo-Bitnet-1B); false adds an untied `lm_head`
+        of embedding_size rows (the paper's released LLaVA checkpoint has one).
     init_std: std of the normal initialisation of fresh weights.
     """
 
@@ -94,8 +95,6 @@ class OLMoBitNetConfig(PreTrainedConfig):
             raise ValueError(f"mlp_hidden_size ({self.mlp_hidden_size}) must be even for SwiGLU")
         if self.embedding_size < self.vocab_size:
             raise ValueError(f"embedding_size ({self.embedding_size}) < vocab_size ({self.vocab_size})")
-        if not self.weight_tying:
-            raise ValueError("OLMo-Bitnet ties the output head to the embedding; weight_tying=false is unsupported")
 
     @property
     def head_dim(self) -> int:
@@ -302,11 +301,14 @@ class OLMoBitNetModel(OLMoBitNetPreTrainedModel):
 
 
 class OLMoBitNetForCausalLM(OLMoBitNetPreTrainedModel, GenerationMixin):
-    """LM with the tied head: logits = h @ wte[:vocab_size].T (padding rows are never predicted)."""
+    """LM with the tied head: logits = h @ wte[:vocab_size].T (padding rows are never predicted), or with
+    an untied `lm_head` (weight_tying false): logits = h @ lm_head[:vocab_size].T."""
 
     def __init__(self, config: OLMoBitNetConfig):
         super().__init__(config)
         self.model = OLMoBitNetModel(config)
+        if not config.weight_tying:
+            self.lm_head = nn.Linear(config.d_model, config.embedding_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -316,7 +318,8 @@ class OLMoBitNetForCausalLM(OLMoBitNetPreTrainedModel, GenerationMixin):
         self.model.transformer.wte = value
 
     def head_weight(self) -> torch.Tensor:
-        return self.model.transformer.wte.weight[: self.config.vocab_size]  # (V, d)
+        head = self.model.transformer.wte if self.config.weight_tying else self.lm_head
+        return head.weight[: self.config.vocab_size]  # (V, d)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, V) through the tied head (the packed model swaps in other heads here)."""
