@@ -1,5 +1,6 @@
-"""A backbone other than OLMo-Bitnet through the whole path, as a user runs it: a tiny BitNet b1.58
-(2B-4T architecture: GQA, SubLN, squared ReLU, tied head) LLM folder in transformers' published layout,
+"""Backbones other than OLMo-Bitnet through the whole path, as a user runs it: a tiny BitNet b1.58 (2B-4T
+architecture: GQA, SubLN, squared ReLU, tied head) or Qwen2 (q/k/v biases, an embedding padded past the
+tokenizer) LLM folder in transformers' published layout,
 `bitllava model init --llm` on it (relative paths, from the user's folder), a few align and instruct
 steps on 2 Ray Train + DeepSpeed CPU workers, packing, and `bitllava serve` answering an image chat
 through the `openai` client. (Every other family's load, compose and pack parity: test_backbones.py.)"""
@@ -68,13 +69,14 @@ def serve_and_ask(packed: str, cwd, image: Image.Image) -> str:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_bitnet_backbone_inits_trains_packs_and_serves(tmp_path):
-    write_llm_folder(str(tmp_path / "bitnet-llm"), "bitnet", seed=2)
-    init = subprocess.run([BIN, "model", "init", "--preset", "tiny", "--llm", "bitnet-llm", "--out", "base"],
+@pytest.mark.parametrize("family", ["bitnet", "qwen2"])  # SubLN + added row + tied; biases + spare row
+def test_a_backbone_inits_trains_packs_and_serves(tmp_path, family):
+    write_llm_folder(str(tmp_path / "llm"), family, seed=2)
+    init = subprocess.run([BIN, "model", "init", "--preset", "tiny", "--llm", "llm", "--out", "base"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert init.returncode == 0, init.stderr[-3000:]
     summary = json.loads(init.stdout.strip().splitlines()[-1])
-    assert summary["backbone"] == "bitnet" and summary["model_dir"] == str(tmp_path / "base")
+    assert summary["backbone"] == family and summary["model_dir"] == str(tmp_path / "base")
     base = str(tmp_path / "base")
 
     synth = synthesize(SynthConfig(out=str(tmp_path / "synth"), records=24, eval=0, seed=3))
@@ -97,10 +99,10 @@ def test_bitnet_backbone_inits_trains_packs_and_serves(tmp_path):
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(aligned[q], tuned[q])
     assert all(torch.isfinite(v).all() for v in tuned.values())
-    assert load_model(instruct["model_dir"]).model.config.text_config.model_type == "bitnet"
+    assert load_model(instruct["model_dir"]).model.config.text_config.model_type == family
 
     packed = str(tmp_path / "packed")
     run_pack(PackConfig(out=packed, checkpoint=instruct["model_dir"]))
-    assert read_packing(packed)[1]["backbone"] == "bitnet"
+    assert read_packing(packed)[1]["backbone"] == family
     image = Image.new("RGB", (64, 64), (20, 200, 40))
     assert isinstance(serve_and_ask("packed", tmp_path, image), str)
