@@ -7,7 +7,7 @@ ternary weights, packed once by `components.pack` (or a folder given with --pack
 Variants:
 - packed: PackedBitLinear blocks (2-bit codes, the AVX2 kernel on CPU), bf16 elsewhere, the tied
   head from the bf16 embedding (the AVX2 bf16 head kernel);
-- packed_int8_head: the same with the int8 head (`model.packed_model.Int8Head`);
+- packed_int8_head: the same with the int8 head (`model.packed.packed_model.Int8Head`);
 - dense_bf16 / dense_fp32: the same function in plain PyTorch (F.linear everywhere, the head
   included): each block linear holds its ternary weight materialised once as a dense matrix
   (codes / s_w) and runs rms_norm -> int8 fake-quantised activations -> F.linear, as
@@ -58,8 +58,8 @@ class DenseTernaryLinear(nn.Module):
 
 
 def build_variant(folder: str, variant: str):
-    from model.packed_checkpoint import load_packed
-    from model.packed_linear import PackedBitLinear
+    from model.packed.packed_checkpoint import load_packed
+    from model.packed.packed_linear import PackedBitLinear
 
     if variant.startswith("packed"):
         return load_packed(folder, dtype=torch.bfloat16, head="int8" if variant == "packed_int8_head" else "dense").model
@@ -150,12 +150,12 @@ def pack_llm(folder: str) -> dict:
 
 def gpu_kernel_bench() -> dict:
     """The Triton kernel against bf16 cuBLAS on the 1b block shapes at batch 1 (CUDA machines only)."""
-    from model.kernels import triton_available
+    from model.packed.kernels import triton_available
 
     if not triton_available():
         return {"gpu": "unavailable (no CUDA device or no triton)"}
-    from model.kernels.triton_ternary import ternary_linear_triton
-    from model.packing import pack_2bit
+    from model.packed.kernels.triton_ternary import ternary_linear_triton
+    from model.packed.packing import pack_2bit
 
     dev = torch.device("cuda")
     shapes = {"att_proj": (6144, 2048), "attn_out": (2048, 2048), "ff_proj": (16384, 2048), "ff_out": (2048, 8192)}
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             pack_report = pack_llm(folder)
         results = measure(folder, args)
 
-    from model.kernels import resolve_backend
+    from model.packed.kernels import resolve_backend
 
     line = {
         "benchmark": "decode batch 1, 1b LLM (OLMo-Bitnet-1B shapes, random ternary weights)",

@@ -6,15 +6,15 @@ training step of the 1b LLM in bf16. Prints one JSON line; without a CUDA device
 Sections (`--sections`, all by default):
 - ceilings: the card's own ceilings, measured once (METHOD.md): a 1 GiB device-to-device copy
   (bytes read + written) and an 8192^3 bf16 matmul on random data.
-- check: `model.kernels.triton_ternary.ternary_linear_triton` against
-  `model.kernels.reference.ternary_linear_reference` (computed on the CPU, where it defines the
+- check: `model.packed.kernels.triton_ternary.ternary_linear_triton` against
+  `model.packed.kernels.reference.ternary_linear_reference` (computed on the CPU, where it defines the
   function) at the four block shapes of the 1b LLM (att_proj 2048->6144, attn_out 2048->2048,
   ff_proj 2048->16384, ff_out 8192->2048) and M = 1, 3, 16, 17, 600, fresh random inputs each:
   (a) with unit scales the output is the exact integer dot, and must be bit-identical;
   (b) with random scales the distance to the reference is reported in float32 ulps (Triton's `/`
   on float32 is `div.full.f32`, within 2 ulps of IEEE division, so a bitwise match is reported,
   not required); (c) the whole CUDA path of PackedBitLinear (rms_norm -> int8 -> kernel,
-  `model.kernels.ternary_linear_normed`) with backend "triton" against backend "reference".
+  `model.packed.kernels.ternary_linear_normed`) with backend "triton" against backend "reference".
 - time: the same shapes at M = 1, 16 and 600: the Triton kernel (int8 activations already
   quantised) against bf16 cuBLAS (`torch.matmul(x_bf16, w_bf16.T)`). Each timing is a CUDA graph
   of many launches, replayed after a warm-up and timed with CUDA events (median of replays); the
@@ -283,8 +283,8 @@ def check_kernel(kernel, shapes: dict[str, tuple[int, int]], ms, device, seed: i
     """Compare kernel(x, x_scale, w, w_scale) with the reference (on the CPU) on fresh random inputs."""
     import torch
 
-    from model.kernels.reference import ternary_linear_reference
-    from model.packing import pack_2bit, padded_row_length
+    from model.packed.kernels.reference import ternary_linear_reference
+    from model.packed.packing import pack_2bit, padded_row_length
 
     gen = torch.Generator().manual_seed(seed)
     out = {"check_cases": 0, "check_integer_exact": True, "check_max_ulps": 0, "check_bitwise_fraction": 0.0,
@@ -326,8 +326,8 @@ def check_packed_path(shapes, device, seed: int = 0, m: int = 16) -> dict:
     import torch
 
     from model.bitlinear import rms_norm
-    from model.kernels import ternary_linear_normed
-    from model.packing import pack_2bit
+    from model.packed.kernels import ternary_linear_normed
+    from model.packed.packing import pack_2bit
 
     gen = torch.Generator().manual_seed(seed + 1)
     worst, failures = 0, []
@@ -426,7 +426,7 @@ def random_packed(torch, n: int, k: int, device, gen) -> "torch.Tensor":
 
 def triton_kernel():
     """`ternary_linear_triton` (importing it needs triton)."""
-    from model.kernels.triton_ternary import ternary_linear_triton
+    from model.packed.kernels.triton_ternary import ternary_linear_triton
 
     return ternary_linear_triton
 

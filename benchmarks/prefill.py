@@ -2,7 +2,7 @@
 
 Prints one JSON line. A multimodal request is mostly prefill (576 image positions plus the
 prompt), and prefill is compute-bound, so this measures the int8 GEMM path of the CPU kernel
-(`model/kernels/ternary_gemm.cpp`) where `decode.py` measures the batch-1 row kernel.
+(`model/packed/kernels/ternary_gemm.cpp`) where `decode.py` measures the batch-1 row kernel.
 
 The variants are decode.py's (same weights, each in its own process, taking turns round by
 round so load from other processes falls on all alike): packed (2-bit codes, bf16 activations
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args)
         return 0
 
-    from model.kernels.cpu import kernel_info
+    from model.packed.kernels.cpu import kernel_info
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bitllava-prefill-") as tmp:

@@ -70,7 +70,7 @@ def question_image():
 
 def load_variant(folder: str, variant: str):
     """(model, tokenizer, image processor) as a replica with dtype auto has it, or dense bf16."""
-    from model.packed_checkpoint import load_packed
+    from model.packed.packed_checkpoint import load_packed
     from model.precision import resolve_dtypes, set_vision_dtype
 
     loaded = load_packed(folder, dtype=torch.float32)  # tokenizer, processor and config
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args)
         return 0
 
-    from model.kernels.cpu import kernel_info
+    from model.packed.kernels.cpu import kernel_info
     from model.precision import resolve_dtypes
 
     load_before = os.getloadavg()[0]

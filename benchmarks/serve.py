@@ -144,7 +144,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from model.packed_checkpoint import save_packed
+    from model.packed.packed_checkpoint import save_packed
     from model.presets import build_from_preset
 
     workdir = tempfile.mkdtemp(prefix="bench-serve-")

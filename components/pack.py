@@ -2,7 +2,7 @@
 
 BitLinear weights become ternary codes, 2-bit (4 per byte) or 1.6-bit (5 per byte), with one
 float32 scale per tensor; everything else is stored in bf16 (DESIGN.md section 7, the format is
-described in `model.packed_checkpoint`). The folder is written under a temporary name and renamed
+described in `model.packed.packed_checkpoint`). The folder is written under a temporary name and renamed
 when complete, so an interrupted run never leaves a half-written model under `out`.
 
 Entry point: `run_pack(PackConfig(...)) -> report` (the report is what `bitllava pack` prints).
@@ -20,8 +20,8 @@ import torch
 
 from components import paths
 from model.checkpoint import load_model
-from model.packed_checkpoint import bf16_nbytes, folder_bytes, random_packed_model, read_packing, save_packed
-from model.packing import check_format
+from model.packed.packed_checkpoint import bf16_nbytes, folder_bytes, random_packed_model, read_packing, save_packed
+from model.packed.packing import check_format
 from model.presets import get_preset, preset_config
 
 

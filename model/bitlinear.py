@@ -11,7 +11,7 @@ and the OLMo-Bitnet-1B training code (NousResearch), which this reproduces exact
     w_q = clamp(round(W * s_w), -1, 1) / s_w
     y   = linear(x_n + sg(x_q - x_n), W + sg(w_q - W))  # straight-through estimator
 
-The quantisers are plain functions so that packing (`model.packing`) uses the very same
+The quantisers are plain functions so that packing (`model.packed.packing`) uses the very same
 arithmetic as training.
 """
 

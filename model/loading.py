@@ -1,7 +1,7 @@
 """One loader for every kind of model folder: `load_any_model(path_or_hub_id)`.
 
 - a packed folder written by `bitllava pack` (config.json with a "packing" section)
-  -> `model.packed_checkpoint.load_packed`;
+  -> `model.packed.packed_checkpoint.load_packed`;
 - anything else (this project's multimodal or LLM-only checkpoint folder, the published
   OLMo-Bitnet-1B layout, or an 'owner/name' hub id) -> `model.checkpoint.load_model`.
 
@@ -46,11 +46,11 @@ def load_any_model(path_or_hub_id: str, dtype: torch.dtype | None = None) -> Loa
     when packed, and near-tied logits can then decode differently.
     Pass torch.bfloat16 for a packed model's stored precision (half the memory for those weights,
     faster on GPU), at the cost of logits that differ slightly from the checkpoint's.
-    `model.packed_checkpoint.load_packed` called directly keeps its own bf16 default.
+    `model.packed.packed_checkpoint.load_packed` called directly keeps its own bf16 default.
     """
     dtype = DEFAULT_DTYPE if dtype is None else dtype
     if is_packed_folder(path_or_hub_id):
-        from model.packed_checkpoint import load_packed  # imported late: it pulls in the kernels
+        from model.packed.packed_checkpoint import load_packed  # imported late: it pulls in the kernels
 
         return load_packed(path_or_hub_id, dtype=dtype)
     return load_model(path_or_hub_id, dtype=dtype)

@@ -22,7 +22,7 @@ from importlib import resources
 import yaml
 from ray.serve.deployment import Application
 
-from model.packed_checkpoint import read_packing
+from model.packed.packed_checkpoint import read_packing
 from serve.ingress import ChatIngress
 from serve.model_deployment import BitLlavaModel
 from serve.settings import ServeSettings

@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model.backbones import context_length
 from model.checkpoint import config_from_dict, load_tokenizer
 from model.multimodal import BitLlavaConfig
-from model.packed_checkpoint import read_packing
+from model.packed.packed_checkpoint import read_packing
 from model.vision import CLIPImageProcessorPil, preprocess_images
 from serve.engine import GenerationRequest, SamplingParams
 from serve.errors import (AUTHENTICATION, INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, UNAVAILABLE, APIError,

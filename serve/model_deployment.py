@@ -29,7 +29,7 @@ from ray import serve
 
 from model.chat import user_turn
 from model.conversation import prompt_ids
-from model.packed_checkpoint import load_packed
+from model.packed.packed_checkpoint import load_packed
 from model.precision import resolve_dtypes, set_vision_dtype
 from model.vision import preprocess_images
 from serve.engine import BatchEngine, GenerationEvent, GenerationRequest, SamplingParams

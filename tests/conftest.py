@@ -38,7 +38,7 @@ def tiny_mm():
 @pytest.fixture(scope="module")
 def packed_dir(tmp_path_factory) -> str:
     """A packed (2-bit) folder of the tiny preset with seed-0 weights, as `bitllava pack` writes it."""
-    from model.packed_checkpoint import save_packed
+    from model.packed.packed_checkpoint import save_packed
 
     folder = tmp_path_factory.mktemp("packed") / "tiny"
     save_packed(str(folder), *build_from_preset("tiny", seed=0))

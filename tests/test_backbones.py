@@ -17,8 +17,8 @@ from model.backbones import BACKBONES, backbone
 from model.bitlinear import BitLinear158
 from model.chat import generate_reply
 from model.checkpoint import load_model, save_model
-from model.packed_checkpoint import load_packed, read_packing
-from model.packed_linear import PackedBitLinear
+from model.packed.packed_checkpoint import load_packed, read_packing
+from model.packed.packed_linear import PackedBitLinear
 from model.presets import describe
 from tests.backbone_folders import FAMILIES, write_llm_folder
 from tests.test_packed_model import image, round_to_bf16  # noqa: F401 - the same fixture and rounding

@@ -28,7 +28,7 @@ from components.pack import PackConfig, run_pack
 from components.train.config import load_train_config
 from components.train.run import run_training
 from model.checkpoint import load_model, read_state_dict
-from model.packed_checkpoint import read_packing
+from model.packed.packed_checkpoint import read_packing
 from tests.backbone_folders import write_llm_folder
 from tests.test_train_nonfinite import features_store
 

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from model.kernels import cpu as cpu_kernels
-from model.kernels import packed_linear_forward
-from model.kernels.reference import ternary_linear_reference
-from model.packing import pack_2bit, padded_row_length
+from model.packed.kernels import cpu as cpu_kernels
+from model.packed.kernels import packed_linear_forward
+from model.packed.kernels.reference import ternary_linear_reference
+from model.packed.packing import pack_2bit, padded_row_length
 
 # /proc/cpuinfo flags each path needs (the OS clears AVX-512 flags when it does not save zmm state)
 PATH_FLAGS = {
@@ -104,7 +104,7 @@ def test_prefill_sized_fused_forward_equals_the_python_path(ext, dtype):
 
 
 def run_with_env(value: str) -> subprocess.CompletedProcess:
-    code = "import json; from model.kernels.cpu import kernel_info; print(json.dumps(kernel_info()))"
+    code = "import json; from model.packed.kernels.cpu import kernel_info; print(json.dumps(kernel_info()))"
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, cpu_kernels.GEMM_ENV: value},
                           capture_output=True, text=True, timeout=300)
 

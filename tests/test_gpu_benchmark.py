@@ -153,7 +153,7 @@ SMALL = {"a": (40, 130), "b": (17, 256)}
 
 
 def test_check_kernel_passes_the_reference():
-    from model.kernels.reference import ternary_linear_reference
+    from model.packed.kernels.reference import ternary_linear_reference
 
     out = gpu.check_kernel(ternary_linear_reference, SMALL, (1, 3, 17), "cpu")
     assert out["check_ok"] and out["check_integer_exact"] and out["check_bitwise_identical"]
@@ -161,7 +161,7 @@ def test_check_kernel_passes_the_reference():
 
 
 def test_check_kernel_tolerates_approximate_division_but_not_wrong_dots():
-    from model.kernels.reference import ternary_linear_reference
+    from model.packed.kernels.reference import ternary_linear_reference
 
     def one_ulp_off(x, xs, w, ws):  # what div.full.f32 may do: exact dots, the quotient 1 ulp up
         y = ternary_linear_reference(x.cpu(), xs.cpu(), w.cpu(), ws)

@@ -18,7 +18,7 @@ from model.backbones.olmo_bitnet import OLMoBitNetConfig
 from model.checkpoint import load_model
 from model.llava_import import RELEASE_SUBFOLDER, import_llava_olmo_bitnet
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
-from model.packed_checkpoint import load_packed
+from model.packed.packed_checkpoint import load_packed
 
 BIN = os.path.join(os.path.dirname(sys.executable), "bitllava")
 OLMO = dict(d_model=64, n_heads=4, n_layers=2, mlp_ratio=8, vocab_size=50280, embedding_size=50304,

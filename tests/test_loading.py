@@ -19,7 +19,7 @@ from model.chat import generate_reply, user_turn
 from model.checkpoint import resolve_model_dir, save_model
 from model.conversation import prompt_ids
 from model.loading import is_packed_folder, load_any_model
-from model.packed_linear import PackedBitLinear
+from model.packed.packed_linear import PackedBitLinear
 from model.presets import build_from_preset
 from model.vision import preprocess_images
 

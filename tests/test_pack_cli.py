@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.checkpoint import save_model
-from model.packed_checkpoint import load_packed
+from model.packed.packed_checkpoint import load_packed
 from model.presets import describe
 
 BIN = os.path.join(os.path.dirname(sys.executable), "bitllava")

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from model.bitlinear import BitLinear158
-from model.kernels import cpu as cpu_kernels
+from model.packed.kernels import cpu as cpu_kernels
 from model.bitlinear import rms_norm
-from model.kernels import head_matmul, packed_linear_forward, resolve_backend, ternary_linear, ternary_linear_normed
-from model.kernels.reference import head_reference, ternary_linear_reference
-from model.packed_linear import PackedBitLinear, set_backend
-from model.packing import pack_2bit, padded_row_length
+from model.packed.kernels import head_matmul, packed_linear_forward, resolve_backend, ternary_linear, ternary_linear_normed
+from model.packed.kernels.reference import head_reference, ternary_linear_reference
+from model.packed.packed_linear import PackedBitLinear, set_backend
+from model.packed.packing import pack_2bit, padded_row_length
 
 # (M tokens, K in, N out): K and N off the 32-byte register width and the 128-code block, N off
 # the 512-row chunks and their 4 stripes, M around the 4-token groups, the 1b shapes at batch 1.
@@ -167,10 +167,10 @@ def test_reference_path_when_the_kernel_is_disabled(tmp_path):
     # a fresh process without the kernel: the model still runs, on the reference path
     code = (
         "import torch\n"
-        "from model.kernels import resolve_backend\n"
-        "from model.kernels.cpu import cpu_kernel_failure\n"
+        "from model.packed.kernels import resolve_backend\n"
+        "from model.packed.kernels.cpu import cpu_kernel_failure\n"
         "from model.bitlinear import BitLinear158\n"
-        "from model.packed_linear import PackedBitLinear\n"
+        "from model.packed.packed_linear import PackedBitLinear\n"
         "assert resolve_backend(torch.device('cpu')) == 'reference'\n"
         "layer = BitLinear158(200, 30)\n"
         "x = torch.randn(2, 200)\n"

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from components.pack import PackConfig, run_pack
 from model.chat import generate_reply
 from model.checkpoint import load_model, save_model
-from model.packed_checkpoint import WEIGHTS, load_packed, sha256_file
-from model.packed_linear import PackedBitLinear, pack_bitlinears
-from model.packed_model import Int8Head
+from model.packed.packed_checkpoint import WEIGHTS, load_packed, sha256_file
+from model.packed.packed_linear import PackedBitLinear, pack_bitlinears
+from model.packed.packed_model import Int8Head
 from model.presets import build_from_preset
 from model.vision import preprocess_images
 

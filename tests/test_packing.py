@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.bitlinear import ternary_codes
-from model.packing import (
+from model.packed.packing import (
     FORMATS,
     PackedTernary,
     pack,

@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from model.packed_checkpoint import save_packed
+from model.packed.packed_checkpoint import save_packed
 from model.presets import build_from_preset
 from serve.app import default_config_path
 

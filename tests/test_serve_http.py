@@ -33,7 +33,7 @@ import requests
 import torch
 from PIL import Image
 
-from model.packed_checkpoint import load_packed
+from model.packed.packed_checkpoint import load_packed
 from model.vision import preprocess_images
 from serve.images import load_image
 from serve.openai_schema import ChatCompletionRequest

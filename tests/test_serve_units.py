@@ -23,7 +23,7 @@ from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeAppli
 
 from model.chat import user_turn
 from model.conversation import prompt_ids
-from model.packed_checkpoint import load_packed, save_packed
+from model.packed.packed_checkpoint import load_packed, save_packed
 from model.presets import build_from_preset
 from model.vision import preprocess_images
 from serve.app import DEPLOYMENTS, IMPORT_PATH, build_app, default_config_path, deployment_options, \

@@ -12,7 +12,7 @@ else `$XDG_CACHE_HOME/bitllava/kernels`, else `~/.cache/bitllava/kernels`, in a 
 the source's hash and the torch version, so editing the source or upgrading torch rebuilds.
 
 When the CPU lacks AVX2 or the build fails, `load_cpu_kernels()` logs why once and returns None;
-callers then use the plain PyTorch reference (`model.kernels.reference`).
+callers then use the plain PyTorch reference (`model.packed.kernels.reference`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ transformers' BitNet packing for 2 bits per weight; llama.cpp's TQ1_0 for base-3
 
 Both formats store the digit d = code + 1 in {0, 1, 2}.
 
-2-bit (`"2bit"`), also the layout every kernel reads (`model.kernels`). A tensor of shape
+2-bit (`"2bit"`), also the layout every kernel reads (`model.packed.kernels`). A tensor of shape
 (..., K) is viewed as R = prod(...) rows of K codes; each row is padded with zero codes to
 Kp = ceil(K / 128) * 128 and stored as Kp / 4 bytes. Within each block of 128 codes, byte j
 (0 <= j < 32) holds codes j, j + 32, j + 64, j + 96 in bits 0-1, 2-3, 4-5, 6-7, so one
@@ -166,10 +166,3 @@ def unpack(packed: PackedTernary) -> torch.Tensor:
 def to_runtime(packed: PackedTernary) -> PackedTernary:
     """The 2-bit layout the kernels read (a no-op for 2-bit data)."""
     return packed if packed.format == "2bit" else pack_2bit(unpack(packed))
-
-
-def load_packed(folder: str, **kwargs):
-    """Load a packed model folder (`bitllava pack`'s output); see `model.packed_checkpoint.load_packed`."""
-    from model.packed_checkpoint import load_packed as _load_packed  # the model classes import this module
-
-    return _load_packed(folder, **kwargs)

@@ -1,7 +1,7 @@
 """Packed models: the same ternary LM (any backbone) and BitLLaVA with PackedBitLinear blocks.
 
 Sources: BitNet b1.58 inference (Ma et al., 2024; bitnet.cpp) for the packed block linears
-(`model.packed_linear`); LLM.int8()-style per-row absmax int8 (Dettmers et al., 2022, without the
+(`model.packed.packed_linear`); LLM.int8()-style per-row absmax int8 (Dettmers et al., 2022, without the
 outlier split) for the optional int8 output head. DESIGN.md section 7: once the block linears are
 2-bit, the tied head (50304 x 2048) is a large share of the bytes read per decoded token, so the
 head can run from an int8 copy (1 byte per weight, one float32 scale per row).
@@ -28,12 +28,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from model.bitlinear import BitLinear158
-from model.kernels import BACKENDS, head_matmul, resolve_backend
+from model.packed.kernels import BACKENDS, head_matmul, resolve_backend
 from model.backbones import build_causal_lm
 from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 from model.checkpoint import retie
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
-from model.packed_linear import PackedBitLinear
+from model.packed.packed_linear import PackedBitLinear
 
 HEADS = ("dense", "int8")
 

@@ -1,7 +1,7 @@
 """Triton GPU kernel for the packed ternary linear (CUDA; batch-1 decode and small batches).
 
-Same contract as `model.kernels.reference.ternary_linear_reference`: x int8 (M, Kp), x_scale
-float32 (M,), w uint8 (N, Kp / 4) in the 2-bit layout of `model.packing`, one float w_scale;
+Same contract as `model.packed.kernels.reference.ternary_linear_reference`: x int8 (M, Kp), x_scale
+float32 (M,), w uint8 (N, Kp / 4) in the 2-bit layout of `model.packed.packing`, one float w_scale;
 y float32 (M, N) = exact integer dot / (x_scale * w_scale).
 
 Decode reads each weight byte once: a program owns BLOCK_N output rows of one activation row and
@@ -11,7 +11,7 @@ shifted views of one (BLOCK_N, 32 BLOCK_B) byte tile meet four gathers of the ac
 Products are accumulated in int32 (exact). Small batches run one program column per row; the
 weights of a layer (<= 8 MB at 2 bits for the 1b shapes) stay in L2 across rows.
 
-Importing this module needs `triton`; `model.kernels` imports it only for CUDA tensors.
+Importing this module needs `triton`; `model.packed.kernels` imports it only for CUDA tensors.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ runs it. With the quantisers of `model.bitlinear` (the training forward's own fu
 The training forward computes linear(x_i / s_x, codes / s_w): the same function, so logits of a
 packed model equal the unpacked model's to float rounding (tests/test_packed_model.py).
 
-Weights live as 2-bit rows (`model.packing`, uint8 (out, Kp / 4)) in a non-persistent buffer (it
+Weights live as 2-bit rows (`model.packed.packing`, uint8 (out, Kp / 4)) in a non-persistent buffer (it
 follows `.to(device)` and is never cast by `.to(dtype)`); s_w is a Python float taken from the
-float32 scale. Packed folders are written by `model.packed_checkpoint`, not by `state_dict()`.
+float32 scale. Packed folders are written by `model.packed.packed_checkpoint`, not by `state_dict()`.
 Inference only: there is no gradient through the integer path.
 """
 
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from model.bitlinear import BitLinear158, ternary_codes
-from model.kernels import BACKENDS, packed_linear_forward, packed_linear_unnormed, resolve_backend
-from model.packing import BLOCK, PackedTernary, pack_2bit, packed_shape, unpack
+from model.packed.kernels import BACKENDS, packed_linear_forward, packed_linear_unnormed, resolve_backend
+from model.packed.packing import BLOCK, PackedTernary, pack_2bit, packed_shape, unpack
 
 
 class PackedBitLinear(nn.Module):

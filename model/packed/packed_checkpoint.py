@@ -5,14 +5,14 @@ A packed folder is a model folder (`model.checkpoint`) whose block linears are p
     config.json                 the model's config (model_type bitllava or a backbone LLM's) plus a
                                 "packing" section: format, version, the packed tensors' true
                                 shapes, and every other file's size in bytes and sha256
-    model.safetensors           <linear>.weight_packed  uint8, `model.packing` layout of `format`
+    model.safetensors           <linear>.weight_packed  uint8, `model.packed.packing` layout of `format`
                                 <linear>.weight_scale   float32 (1,), s_w (w_q = codes / s_w)
                                 everything else (embedding, norms, vision tower, projector) bf16
     tokenizer files, preprocessor_config.json (multimodal)
 
 `load_packed` re-hashes every listed file before reading any weight, so a truncated or altered
 folder is a ValueError rather than a model serving garbage. 1.6-bit files are converted to the
-2-bit runtime layout when loaded (`model.packing.to_runtime`).
+2-bit runtime layout when loaded (`model.packed.packing.to_runtime`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 from model.bitlinear import ternary_codes
 from model.checkpoint import LoadedModel, config_from_dict, load_state_dict_strict, load_tokenizer, tied_weights
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
-from model.packed_linear import PackedBitLinear, pack_bitlinears, set_backend
-from model.packed_model import empty_packed_model, set_head
-from model.packing import FORMATS, PackedTernary, check_format, pack, packed_shape, to_runtime, unpack
+from model.packed.packed_linear import PackedBitLinear, pack_bitlinears, set_backend
+from model.packed.packed_model import empty_packed_model, set_head
+from model.packed.packing import FORMATS, PackedTernary, check_format, pack, packed_shape, to_runtime, unpack
 from model.vision import CLIPImageProcessorPil
 
 PACKING_VERSION = 1
@@ -212,7 +212,7 @@ def load_packed(
     """Load a packed folder in eval mode: the same `LoadedModel` as `model.checkpoint.load_model`.
 
     dtype: of the non-packed weights and of activations (bf16 as stored, or float32).
-    backend: kernel of the packed linears ("auto" picks by device; see `model.kernels`).
+    backend: kernel of the packed linears ("auto" picks by device; see `model.packed.kernels`).
     head: "dense" (the tied embedding) or "int8" (an int8 copy with per-row scales).
     verify: re-hash every file against config.json first (a 1b folder takes about a second).
     """

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from model.bitlinear import activation_scale, rms_norm
-from model.kernels.cpu import cpu_kernel_failure, load_cpu_kernels
-from model.kernels.reference import head_reference, ternary_linear_reference
+from model.packed.kernels.cpu import cpu_kernel_failure, load_cpu_kernels
+from model.packed.kernels.reference import head_reference, ternary_linear_reference
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
 CPU_DTYPES = (torch.float32, torch.bfloat16)  # activation dtypes the CPU kernel takes
@@ -58,7 +58,7 @@ def ternary_linear(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_sc
     if backend == "cpu":
         return load_cpu_kernels().ternary_linear(x, x_scale, w, float(w_scale))
     if backend == "triton":
-        from model.kernels.triton_ternary import ternary_linear_triton
+        from model.packed.kernels.triton_ternary import ternary_linear_triton
 
         return ternary_linear_triton(x, x_scale, w, w_scale)
     return ternary_linear_reference(x, x_scale, w, w_scale)

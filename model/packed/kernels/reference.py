@@ -4,7 +4,7 @@ It defines what every kernel must return, bit for bit:
 
     y[m, n] = float32(sum_k code[n, k] * x[m, k]) / (x_scale[m] * w_scale)
 
-with x int8 (M, Kp), codes unpacked from the 2-bit layout (`model.packing.unpack_2bit_rows`) and
+with x int8 (M, Kp), codes unpacked from the 2-bit layout (`model.packed.packing.unpack_2bit_rows`) and
 the dot product exact. The products and partial sums are integers below 2^24 for Kp <= 131072, so
 a float32 matmul computes them exactly; longer rows use float64.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from model.packing import unpack_2bit_rows
+from model.packed.packing import unpack_2bit_rows
 
 
 def ternary_linear_reference(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: float) -> torch.Tensor:
