@@ -214,23 +214,20 @@ def config_from_dict(raw: dict, folder: str) -> PreTrainedConfig:
         return BitLlavaConfig.from_dict(raw)
     if model_type in BACKBONES:
         return text_config_from_dict(raw)
-    raise ValueError(f"{folder}/config.json: model_type {model_type!r} is neither bitllava nor a backbone LLM "
-                     f"({', '.join(sorted(BACKBONES))})")
-
-
-def model_from_config(raw: dict, folder: str) -> tuple[torch.nn.Module, str]:
-    """(freshly initialised model, layout) of a config.json dict, any supported layout."""
-    model_type = raw.get("model_type")
-    if model_type == "bitllava":
-        return BitLlavaForConditionalGeneration(BitLlavaConfig.from_dict(raw)), "bitllava"
-    if "d_model" in raw and "n_layers" in raw:  # OLMo's own field names (its model_type says "olmo" too)
-        return OLMoBitNetForCausalLM(OLMoBitNetConfig.from_olmo_config(raw)), "olmo_published"
-    if model_type in BACKBONES:
-        return build_causal_lm(text_config_from_dict(raw)), model_type
     raise ValueError(
         f"{folder}/config.json is neither a bitllava model nor an LLM of a supported backbone "
         f"(model_type={model_type!r}; supported: bitllava, {', '.join(sorted(BACKBONES))}, or an OLMo config)"
     )
+
+
+def model_from_config(raw: dict, folder: str) -> tuple[torch.nn.Module, str]:
+    """(freshly initialised model, layout) of a config.json dict, any supported layout."""
+    if "d_model" in raw and "n_layers" in raw:  # OLMo's own field names (its model_type says "olmo" too)
+        return OLMoBitNetForCausalLM(OLMoBitNetConfig.from_olmo_config(raw)), "olmo_published"
+    config = config_from_dict(raw, folder)
+    if isinstance(config, BitLlavaConfig):
+        return BitLlavaForConditionalGeneration(config), "bitllava"
+    return build_causal_lm(config), config.model_type
 
 
 def load_tokenizer(folder: str) -> PreTrainedTokenizerFast:

@@ -74,11 +74,8 @@ def backbone(model_type: str | None) -> Backbone:
 
 def text_config_from_dict(raw: dict) -> PreTrainedConfig:
     """The config object of an LLM config.json dict of any registered backbone."""
-    config_class = OLMoBitNetConfig if raw.get("model_type") == "olmo_bitnet" else None
-    backbone(raw.get("model_type"))
-    if config_class is None:
-        config_class = AutoConfig.for_model(raw["model_type"]).__class__
-    return config_class.from_dict(raw)
+    model_type = backbone(raw.get("model_type")).model_type  # refuses an unsupported one by name
+    return AutoConfig.for_model(model_type).__class__.from_dict(raw)
 
 
 def build_causal_lm(config: PreTrainedConfig):

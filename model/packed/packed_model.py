@@ -126,13 +126,6 @@ def set_head(model: nn.Module, head: str, backend: str = "auto") -> None:
         lm.lm_head = Int8Head(lm.lm_head.weight, backend)  # a tied embedding keeps its own tensor
 
 
-def head_kind(model: nn.Module) -> str:
-    lm = language_model(model)
-    if isinstance(lm, PackedOLMoBitNetForCausalLM):
-        return lm.head_kind
-    return "int8" if isinstance(getattr(lm, "lm_head", None), Int8Head) else "dense"
-
-
 def _packed_lm(config) -> nn.Module:
     """The LM of `config` as a packed model builds it (OLMo-Bitnet gets the pluggable-head subclass)."""
     return PackedOLMoBitNetForCausalLM(config) if isinstance(config, OLMoBitNetConfig) else build_causal_lm(config)
