@@ -7,9 +7,12 @@ else AVX2. The path is chosen at run time from the CPU (`gemm_paths()`), or forc
 
 Built with `torch.utils.cpp_extension.load` (ninja, the system C++ compiler, OpenMP through
 PyTorch's runtime), as DeepSpeed builds its ops: the first call compiles for about a
-minute, later processes load the cached library. The cache lives in `$BITLLAVA_KERNEL_CACHE`,
+minute, later processes import the cached library directly. The cache lives in `$BITLLAVA_KERNEL_CACHE`,
 else `$XDG_CACHE_HOME/bitllava/kernels`, else `~/.cache/bitllava/kernels`, in a folder named after
-the source's hash and the torch version, so editing the source or upgrading torch rebuilds.
+the hash of the source and flags and the torch version, so editing either or upgrading torch rebuilds.
+Builds are serialised by an OS file lock (`flock`), which dies with its holder, and a dead process's
+torch build lock is cleared first (`model.torch_build_lock`): left alone it makes every later `load()`
+wait forever. Once built, the library is imported without torch's build check (and its lock).
 
 When the CPU lacks AVX2 or the build fails, `load_cpu_kernels()` logs why once and returns None;
 callers then use the plain PyTorch reference (`model.packed.kernels.reference`).
@@ -17,7 +20,9 @@ callers then use the plain PyTorch reference (`model.packed.kernels.reference`).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -28,10 +33,16 @@ from types import ModuleType
 
 import torch
 
+from model.torch_build_lock import clear_dead_baton
+
 log = logging.getLogger(__name__)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(_HERE, name) for name in ("ternary_cpu.cpp", "ternary_gemm.cpp")]
 HEADERS = [os.path.join(_HERE, "ternary_gemm.h")]
+# the baseline is AVX2; the AVX-512 VNNI and AVX-VNNI GEMM paths carry their own target flags (GCC
+# target pragmas in ternary_gemm.cpp) and run only where the CPU has them
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 _failure: str | None = None
 GEMM_ENV = "BITLLAVA_CPU_GEMM"
 
@@ -51,8 +62,8 @@ def cpu_supports_avx2() -> bool:
 
 
 def _build_name_and_dir() -> tuple[str, str]:
-    """A module name and folder unique to the source and torch version (no clash between versions)."""
-    sha = hashlib.sha256()
+    """A module name and folder unique to the source, flags and torch version (no clash between versions)."""
+    sha = hashlib.sha256(" ".join(CFLAGS + LDFLAGS).encode())
     for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             sha.update(f.read())
@@ -80,26 +91,54 @@ def load_cpu_kernels() -> ModuleType | None:
         log.warning("packed ternary CPU kernel unavailable: %s; using the PyTorch reference path", _failure)
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        _ninja_on_path()
-        name, build_dir = _build_name_and_dir()
-        os.makedirs(build_dir, exist_ok=True)
-        module = load(
-            name=name,
-            sources=SOURCES,
-            build_directory=build_dir,
-            # the baseline is AVX2; the AVX-512 VNNI and AVX-VNNI GEMM paths carry their own target
-            # flags (GCC target pragmas in ternary_gemm.cpp) and run only where the CPU has them
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        module = _built_module()
     except Exception as err:  # a missing compiler, ninja or headers: fall back, never crash
         _failure = f"build failed: {type(err).__name__}: {str(err).strip()[-2000:]}"
         log.warning("packed ternary CPU kernel unavailable (%s); using the PyTorch reference path", _failure)
         return None
     _apply_gemm_choice(module)
+    return module
+
+
+def _built_module() -> ModuleType:
+    """Import the cached library, building it first (one process at a time) when it is missing or incomplete."""
+    name, build_dir = _build_name_and_dir()
+    os.makedirs(build_dir, exist_ok=True)
+    library = os.path.join(build_dir, f"{name}.so")
+    done = library + ".done"  # the library's size, written once it built and imported: a cut-short link has none
+    with open(os.path.join(build_dir, "build.flock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
+        if os.path.isfile(library) and _read(done) == str(os.path.getsize(library)):
+            return _import_library(name, library)
+        if os.path.exists(library):  # never dlopen a possibly truncated library (it crashes the process)
+            log.warning("cached CPU kernel %s is incomplete (a build cut short); rebuilding", library)
+            os.remove(library)
+        from torch.utils.cpp_extension import load
+
+        clear_dead_baton(build_dir)  # under our flock no live process is inside torch's baton
+        _ninja_on_path()
+        log.info("building the packed ternary CPU kernel in %s (about a minute, once)", build_dir)
+        # lists of their own: torch appends to the flag lists it is given
+        module = load(name=name, sources=SOURCES, build_directory=build_dir, extra_cflags=list(CFLAGS),
+                      extra_ldflags=list(LDFLAGS), verbose=False)
+        with open(done, "w") as f:
+            f.write(str(os.path.getsize(library)))
+        return module
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _import_library(name: str, library: str) -> ModuleType:
+    """The extension module from its .so, as torch's `load` imports it, without its build check."""
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
