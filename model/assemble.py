@@ -23,8 +23,12 @@ from model.tokenizer import image_token_id
 from model.vision import build_image_processor
 
 
-def init_model(preset: str, seed: int = 0, vision: str | None = None, llm: str | None = None):
-    """(model, tokenizer, image_processor): the preset, with the tower and/or LLM from pretrained folders or hub ids."""
+def init_model(preset: str, seed: int = 0, vision: str | None = None, llm: str | None = None, qk_norm: bool = False):
+    """(model, tokenizer, image_processor): the preset, with the tower and/or LLM from pretrained folders or hub ids.
+    `qk_norm` (a fresh OLMo-Bitnet LM with Chameleon's QK-norm) is refused with `llm`: it would change the
+    pretrained LM's function."""
+    if qk_norm and llm is not None:
+        raise ValueError("qk_norm adds norms a pretrained LM was not trained with: it is for a fresh LM (no --llm)")
     if llm is not None:
         loaded = load_model(llm)
         if loaded.multimodal:
@@ -34,7 +38,7 @@ def init_model(preset: str, seed: int = 0, vision: str | None = None, llm: str |
             if vision is not None:
                 load_tower(model, vision)
             return model, tokenizer, processor
-    model, tokenizer, processor = build_from_preset(preset, seed=seed)
+    model, tokenizer, processor = build_from_preset(preset, seed=seed, qk_norm=qk_norm)
     if vision is not None:
         load_tower(model, vision)
     if llm is not None:

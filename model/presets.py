@@ -87,13 +87,16 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def preset_config(name: str) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast | None]:
-    """The preset's config, with vocabulary sizes and special tokens taken from its tokenizer.
+def preset_config(name: str, qk_norm: bool = False) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast | None]:
+    """The preset's config, with vocabulary sizes and special tokens taken from its tokenizer; `qk_norm` turns
+    on the OLMo-Bitnet LM's per-head QK-norm (Chameleon's).
 
     A preset without a shipped tokenizer gets `<image>` as one added row after its vocabulary (what
     `model init --llm` does with the LLM's own tokenizer) and None for the tokenizer."""
     preset = get_preset(name)
     if preset.tokenizer is None:
+        if qk_norm:
+            raise ValueError(f"qk_norm is an option of the OLMo-Bitnet presets (tiny, 1b), not of {name}")
         text = text_config_from_dict({**preset.llm, "vocab_size": preset.llm["vocab_size"] + 1})
         config = BitLlavaConfig(text_config=text, vision_config=preset.vision(), image_token_id=preset.llm["vocab_size"])
         config.eos_token_id = text.eos_token_id
@@ -107,6 +110,7 @@ def preset_config(name: str) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast | 
         embedding_size=_round_up(len(tokenizer), 64),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        qk_norm=qk_norm,
     )
     config = BitLlavaConfig(text_config=text, vision_config=preset.vision(), image_token_id=image_id)
     config.eos_token_id = tokenizer.eos_token_id
@@ -114,9 +118,9 @@ def preset_config(name: str) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast | 
     return config, tokenizer
 
 
-def build_from_preset(name: str, seed: int = 0):
+def build_from_preset(name: str, seed: int = 0, qk_norm: bool = False):
     """Random-weight model, tokenizer and image processor of a preset."""
-    config, tokenizer = preset_config(name)
+    config, tokenizer = preset_config(name, qk_norm)
     if tokenizer is None:
         raise ValueError(f"the {name} preset has no shipped tokenizer: build it on its LLM's folder "
                          f"(bitllava model init --preset {name} --llm FOLDER_OR_HUB_ID)")

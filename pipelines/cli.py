@@ -188,7 +188,7 @@ def _cmd_model_init(args) -> int:
 
     out = paths.local_path(args.out)
     model, tokenizer, processor = init_model(args.preset, seed=args.seed, vision=paths.model_ref(args.vision),
-                                             llm=paths.model_ref(args.llm))
+                                             llm=paths.model_ref(args.llm), qk_norm=args.qk_norm)
     save_model(out, model, tokenizer, processor)
     print(json.dumps({"model_dir": out, "preset": args.preset, "backbone": model.config.text_config.model_type,
                       **count_parameters(model)}))
@@ -468,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--llm", default=None,
                       help="LM folder or hub id: OLMo-Bitnet, or a transformers Llama, Qwen2, OLMo, OLMo-2 or "
                            "BitNet folder (made ternary; the projector follows its hidden size)")
+    init.add_argument("--qk-norm", action="store_true",
+                      help="a fresh OLMo-Bitnet LM with Chameleon's QK-norm (per-head RMSNorm on queries and keys)")
     init.set_defaults(func=_cmd_model_init)
     imp = model.add_parser("import-llava", help="import the paper's released LlavaOLMoBitnet1B (LLaVA layout)")
     imp.add_argument("source", help="IntelLabs/LlavaOLMoBitnet1B (gated: log in first) or its downloaded folder")

@@ -144,6 +144,7 @@ class PipelineConfig:
     seed: seed of the random initial weights and data order.
     vision / llm: pretrained CLIP tower / LM (folder or hub id: OLMo-Bitnet, or a transformers Llama, Qwen2,
         OLMo, OLMo-2 or BitNet LLM, made ternary); null keeps the preset's random weights.
+    qk_norm: a fresh OLMo-Bitnet LM with Chameleon's QK-norm (no `llm:`; see OLMoBitNetConfig.qk_norm).
     data: see DataSources.
     preprocess: see PreprocessSettings.
     align / instruct: TrainConfig fields; `config:` names a YAML of them (relative to pipelines/configs/).
@@ -156,6 +157,7 @@ class PipelineConfig:
     seed: int = 0
     vision: str | None = None
     llm: str | None = None
+    qk_norm: bool = False
     data: DataSources = field(default_factory=dict)  # a mapping until __post_init__ (which requires sources)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     align: dict = field(default_factory=dict)
@@ -174,6 +176,9 @@ class PipelineConfig:
         if preset.tokenizer is None and self.llm is None:
             raise ValueError(f"preset {self.preset!r} needs llm: (its LM, tokenizer and shapes come from the LLM "
                              "folder or hub id, e.g. microsoft/bitnet-b1.58-2B-4T-bf16)")
+        if self.qk_norm and (self.llm is not None or preset.tokenizer is None):
+            raise ValueError("qk_norm: true builds a fresh OLMo-Bitnet LM (tiny or 1b preset, no llm:); a "
+                             "pretrained LM was not trained with it")
         self.data = from_mapping(DataSources, self.data, "data")
         self.preprocess = from_mapping(PreprocessSettings, self.preprocess, "preprocess")
         self.eval = from_mapping(EvalSettings, self.eval, "eval")

@@ -180,14 +180,17 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
         from components.train.outputs import publish_folder
         import tempfile
 
-        model, tokenizer, processor = init_model(cfg.preset, seed=cfg.seed, vision=cfg.vision, llm=cfg.llm)
+        model, tokenizer, processor = init_model(cfg.preset, seed=cfg.seed, vision=cfg.vision, llm=cfg.llm,
+                                                 qk_norm=cfg.qk_norm)
         with tempfile.TemporaryDirectory() as d:
             save_model(d, model, tokenizer, processor)
             publish_folder(d, storage.join(out, "model-init"))
         return {"model_dir": storage.join(out, "model-init")}
 
-    base = steps.run("init", {"preset": cfg.preset, "seed": cfg.seed, "vision": cfg.vision, "llm": cfg.llm},
-                     [], do_init)["model_dir"]
+    key = {"preset": cfg.preset, "seed": cfg.seed, "vision": cfg.vision, "llm": cfg.llm}
+    if cfg.qk_norm:  # only when on: configs without it keep their step keys (and done markers)
+        key["qk_norm"] = True
+    base = steps.run("init", key, [], do_init)["model_dir"]
 
     synth = None
     if cfg.data.synth:

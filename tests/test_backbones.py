@@ -21,6 +21,7 @@ from model.packed.packed_checkpoint import load_packed, read_packing
 from model.packed.packed_linear import PackedBitLinear
 from model.presets import describe
 from tests.backbone_folders import FAMILIES, write_llm_folder
+from tests.few_steps import train_a_few_steps
 from tests.test_packed_model import image, round_to_bf16  # noqa: F401 - the same fixture and rounding
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -175,31 +176,15 @@ def test_a_multimodal_model_is_composed_on_every_backbone(llm_folders, composed,
 def test_every_backbone_learns_through_its_ternary_linears(composed, family, image):
     """A few optimizer steps on one image-and-answer sample: the straight-through gradients reach every
     BitLinear (full-precision biases and q/k norms included) and the projector, and the loss falls."""
-    from model.vision import preprocess_images
+    def gradients_reach_every_trained_weight(model):
+        ternary = [m for m in model.language_model.modules() if isinstance(m, BitLinear158)]
+        assert len(ternary) == 14 and all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+                                          for m in ternary)
+        assert all(m.bias.grad.abs().sum() > 0 for m in ternary if m.bias is not None)
+        assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
-    loaded = load_model(composed[family])
-    model, config = loaded.model.train(), loaded.model.config
-    answer = loaded.tokenizer("a red square", add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([[config.image_token_id] * config.num_image_tokens + answer])
-    labels = torch.full_like(ids, -100)
-    labels[0, -len(answer):] = ids[0, -len(answer):]
-    pixels = preprocess_images([image], loaded.image_processor)
-    for p in model.vision_tower.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(6):
-        optimizer.zero_grad()
-        loss = model(ids, pixel_values=pixels, labels=labels).loss
-        loss.backward()
-        if not losses:
-            ternary = [m for m in model.language_model.modules() if isinstance(m, BitLinear158)]
-            assert len(ternary) == 14 and all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
-                                              for m in ternary)
-            assert all(m.bias.grad.abs().sum() > 0 for m in ternary if m.bias is not None)
-            assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_a_few_steps(load_model(composed[family]), image,
+                               after_first_backward=gradients_reach_every_trained_weight)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] * 0.8, losses
 
 

@@ -94,7 +94,7 @@ def test_instruct_with_zero3_and_a_real_mlflow_server(stores, align_run, mlflow_
     client = MlflowClient(mlflow_server)
     parent = client.create_run(client.create_experiment("bitllava-test-pipeline"), run_name="pipeline")
     cfg = load_train_config(os.path.join(CONFIGS, "tiny-instruct.yaml"), data=str(stores / "instruct"),
-                            out=str(stores / "run-z3"), init=align_run["model_dir"], zero_stage=3,
+                            out=str(stores / "run-z3"), init=align_run["model_dir"], zero_stage=3, z_loss=1e-4,
                             tracking_uri=mlflow_server, experiment="bitllava-test-pipeline",
                             parent_run_id=parent.info.run_id, run_name="instruct-z3")
     summary = run_training(cfg)
@@ -103,7 +103,8 @@ def test_instruct_with_zero3_and_a_real_mlflow_server(stores, align_run, mlflow_
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.params["zero_stage"] == "3" and run.data.params["phase"] == "instruct"
     assert int(run.data.params["trainable_params"]) > 600_000
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"} <= set(run.data.metrics)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "z_loss"} <= set(run.data.metrics)
+    assert run.data.params["z_loss"] == "0.0001" and run.data.metrics["z_loss"] > 0  # Chameleon's term, logged
     assert run.data.tags["dataset_content_hash"] == json.load(open(stores / "instruct" / "manifest.json"))[
         "content_hash"]
     assert run.data.tags["git_commit"]

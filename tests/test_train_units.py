@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import socket
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from components.train.checkpointing import DS_TAG, TRAINER_STATE, CheckpointManager, TrainerState
 from components.train.config import TrainConfig
 from components.train.metrics import StepMetrics
-from components.train.step import NonFiniteStepsError, SkipCounter, train_step
+from components.train.step import NonFiniteStepsError, SkipCounter, train_step, z_loss
 
 GRAD_ACCUM = 2
 
@@ -123,6 +124,63 @@ def test_clean_steps_update_exactly_as_plain_engine_calls(deepspeed_single_rank,
     assert not torch.equal(a["a.weight"], toy_init.a.weight)
 
 
+class ToyLM(torch.nn.Module):
+    """Next-token logits over 5 tokens with the multimodal model's `.loss` (shifted, -100 ignored) and `.logits`."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 8)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, input_ids, labels):
+        logits = self.head(torch.tanh(self.embed(input_ids)))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1))
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def lm_batches(seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(GRAD_ACCUM):
+        ids = torch.randint(0, 5, (4, 6), generator=g)
+        labels = ids.clone()
+        labels[:, :2] = -100  # a prompt
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_z_loss_equals_a_hand_computation():
+    logits = torch.tensor([[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 2.0, 2.0], [9.0, 0.0, 0.0]]])
+    labels = torch.tensor([[-100, 2, -100, 1]])  # predicted from positions 0 and 2 (position 3 predicts nothing)
+    log_z = [math.log(math.exp(1.0) + math.exp(2.0) + math.exp(0.5)), math.log(3 * math.exp(2.0))]
+    assert z_loss(logits, labels).item() == pytest.approx((log_z[0] ** 2 + log_z[1] ** 2) / 2, rel=1e-6)
+    assert z_loss(logits, torch.full((1, 4), -100)).item() == 0.0  # no label: nothing to average
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_z_loss_is_added_to_the_loss_that_trains(deepspeed_single_rank, zero_stage):
+    ds, coef = deepspeed_single_rank, 0.05
+    torch.manual_seed(0)
+    init = ToyLM()
+    by_hand, _ = make_engine(ds, zero_stage, copy.deepcopy(init))
+    stepped, _ = make_engine(ds, zero_stage, copy.deepcopy(init))
+    for seed in range(3):
+        expected_z = []
+        for batch in lm_batches(seed):  # the loss plus c * z, backpropagated through plain engine calls
+            out = by_hand(**batch)
+            expected_z.append(z_loss(out.logits, batch["labels"]).item())
+            by_hand.backward(out.loss + coef * z_loss(out.logits, batch["labels"]))
+            by_hand.step()
+        result = train_step(stepped, lm_batches(seed), world=1, z_loss_coef=coef)
+        assert not result.skipped and result.z_losses == pytest.approx(expected_z, rel=1e-6)
+    a, b = weights(ds, by_hand), weights(ds, stepped)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+    plain, _ = make_engine(ds, zero_stage, copy.deepcopy(init))
+    for seed in range(3):
+        assert train_step(plain, lm_batches(seed), world=1).z_losses is None  # off by default
+    assert not torch.equal(weights(ds, plain)["head.weight"], b["head.weight"])  # the term changes the update
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 @pytest.mark.parametrize("poison", ["inputs", "gradients"])
 def test_a_non_finite_step_updates_nothing(deepspeed_single_rank, toy_init, zero_stage, poison):
@@ -204,6 +262,10 @@ def test_max_consecutive_skips_is_validated():
     assert TrainConfig(phase="align", data="-", out="-", init="-").max_consecutive_skips == 10
     with pytest.raises(ValueError, match="max_consecutive_skips"):
         TrainConfig(phase="align", data="-", out="-", init="-", max_consecutive_skips=-1)
+    assert TrainConfig(phase="align", data="-", out="-", init="-").z_loss == 0.0
+    for bad in (-1e-4, 1.0):
+        with pytest.raises(ValueError, match="z_loss"):
+            TrainConfig(phase="align", data="-", out="-", init="-", z_loss=bad)
 
 
 # --- the metrics accumulator -----------------------------------------------------------------------------------
@@ -228,10 +290,16 @@ def test_step_metrics_accumulate_reduce_and_reset():
     m = metrics.reduce(step=8, lr=0.5, grad_norm=float("inf"), skipped_steps=2)
     assert m["tokens_per_s"] == 2 * 10 / 0.5 and m["loss"] != m["loss"] and m["grad_norm"] == float("inf")
 
+    with_z = StepMetrics(2, two_equal_ranks, clock=iter([0.0, 1.0]).__next__)
+    with_z.add(1.0, tokens=1, samples=1, z_loss=4.0)
+    with_z.add(1.0, tokens=1, samples=1, z_loss=2.0)
+    assert with_z.reduce(step=1, lr=0.1, grad_norm=1.0, skipped_steps=0)["z_loss"] == 3.0  # mean over both
+
     no_peak = StepMetrics(1, lambda values: values, clock=iter([0.0, 1.0]).__next__)
     no_peak.add(1.0, tokens=1, samples=1)
     m = no_peak.reduce(step=1, lr=0.1, grad_norm=None, skipped_steps=0)
     assert "mfu" not in m and m["grad_norm"] != m["grad_norm"]  # no known peak: no MFU; no norm: NaN
+    assert "z_loss" not in m  # z-loss off: no metric
 
 
 # --- the checkpoint manager ------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class TrainConfig:
         corrupt sample) is skipped: no update, counted in MLflow as `skipped_steps` and logged with the
         batch's sample ids. More than this many skipped steps in a row stop the run with an error, keeping
         the last checkpoint (0: the first one stops it).
+    z_loss: coefficient c of Chameleon's z-loss, c * logsumexp(logits)^2 averaged over label tokens, added to
+        the loss for output-layer stability (0: off; Chameleon 1e-5, PaLM 1e-4); logged as `z_loss`, unscaled.
     checkpoint_every: optimizer steps between checkpoints (a final one is always written).
     seed: model-independent randomness (data order).
     gradient_checkpointing: recompute block activations in the backward pass.
@@ -80,6 +82,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] | None = None
     max_grad_norm: float = 1.0
     max_consecutive_skips: int = 10
+    z_loss: float = 0.0
     checkpoint_every: int = 50
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -114,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
         if self.max_failures < 0:
             raise ValueError("max_failures must be >= 0")
+        if not 0 <= self.z_loss < 1:
+            raise ValueError(f"z_loss is a small coefficient in [0, 1) (Chameleon 1e-5), got {self.z_loss}")
         if self.max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
 

@@ -178,12 +178,13 @@ def train_loop(loop_config: dict) -> None:
                 continue
             tokens = []  # each micro-batch's non-pad tokens, filled as train_step draws them
             batches_on_device = to_device(group, loaded.tokenizer.pad_token_id, encode, device, bf16, tokens)
-            result = train_step(engine, batches_on_device, world)
+            result = train_step(engine, batches_on_device, world, z_loss_coef=cfg.z_loss)
             state.global_step += 1
             state.epoch, state.epoch_micro = epoch, (index + 1) * cfg.grad_accum
             state.skips.record(state.global_step, result.skipped)
-            for loss, n_tokens, samples in zip(result.losses, tokens, group):
-                step_metrics.add(loss, n_tokens, len(samples))
+            z_losses = result.z_losses or [None] * len(result.losses)
+            for loss, z, n_tokens, samples in zip(result.losses, z_losses, tokens, group):
+                step_metrics.add(loss, n_tokens, len(samples), z)
             step = step_metrics.reduce(state.global_step, scheduler.get_last_lr()[0], result.grad_norm,
                                        state.skips.total)
             if logger:

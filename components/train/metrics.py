@@ -7,6 +7,7 @@
     samples_per_s  samples of all ranks / the same seconds
     mfu            tokens_per_s x training FLOPs per token / (peak FLOP/s x ranks), where the peak is known
     skipped_steps  optimizer steps skipped so far for a non-finite loss or gradient norm (components.train.step)
+    z_loss         with z_loss_coef > 0: mean over ranks of each rank's mean micro-batch z-loss (unscaled)
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ class StepMetrics:
 
     def reset(self) -> None:
         self.loss, self.tokens, self.samples, self.micro = 0.0, 0, 0, 0
+        self.z = None
         self.start = self.clock()
 
-    def add(self, loss: float, tokens: int, samples: int) -> None:
+    def add(self, loss: float, tokens: int, samples: int, z_loss: float | None = None) -> None:
         self.loss += loss
+        if z_loss is not None:
+            self.z = (self.z or 0.0) + z_loss
         self.tokens += tokens
         self.samples += samples
         self.micro += 1
@@ -41,7 +45,8 @@ class StepMetrics:
     def reduce(self, step: int, lr: float, grad_norm: float | None, skipped_steps: int) -> dict:
         assert self.micro, "no micro-batch was added since the last reset"
         elapsed = self.clock() - self.start
-        loss_sum, tokens, samples = self.reduce_sum([self.loss / self.micro, self.tokens, self.samples])
+        values = [self.loss / self.micro, self.tokens, self.samples] + ([self.z / self.micro] if self.z is not None else [])
+        loss_sum, tokens, samples, *z_sum = self.reduce_sum(values)  # every rank adds z, or none does
         metrics = {
             "loss": loss_sum / self.world,
             "lr": lr,
@@ -51,6 +56,8 @@ class StepMetrics:
             "skipped_steps": skipped_steps,
             "step": step,
         }
+        if z_sum:
+            metrics["z_loss"] = z_sum[0] / self.world
         if self.peak_tflops and self.flops_per_token:
             metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (self.peak_tflops * 1e12 * self.world)
         return metrics

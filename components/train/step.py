@@ -3,6 +3,10 @@
     for batch in the step's grad_accum micro-batches:
         loss = engine(**batch).loss;  engine.backward(loss);  engine.step()   # the last step() updates
 
+With `z_loss_coef` c > 0 (Chameleon's stability term; PaLM's 1e-4), the loss backpropagated is the
+cross-entropy plus c * z_loss, where z_loss is the mean over label tokens of logsumexp(logits)^2 at
+the positions that predict them: it keeps the softmax normaliser near 1 (log Z near 0).
+
 A step whose loss (any micro-batch, any rank) or global gradient norm is not finite is skipped: no
 parameter, optimizer-state or learning-rate-schedule update. DeepSpeed's ZeRO optimizers already work
 this way for a non-finite gradient norm (deepspeed 0.19, `runtime/zero/stage_1_and_2.py` and
@@ -35,25 +39,40 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def z_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over label tokens of logsumexp(logits)^2, with the causal shift of the cross-entropy (the
+    logits at position t predict labels[t + 1]; -100 labels are ignored). 0 where there are no labels."""
+    mask = labels[..., 1:] != -100
+    log_z = torch.logsumexp(logits[..., :-1, :][mask].float(), dim=-1)
+    return (log_z ** 2).sum() / mask.sum().clamp(min=1)
+
+
 @dataclass
 class StepResult:
-    losses: list[float]  # this rank's micro-batch losses, in order
+    losses: list[float]  # this rank's micro-batch losses (the cross-entropy), in order
     finite_losses: list[bool]  # per micro-batch on this rank
     grad_norm: float | None  # global gradient norm (inf on a skipped step; None if DeepSpeed computes none)
     skipped: bool  # no update was applied: the same on every rank
     ranks_nonfinite_loss: int  # ranks where some micro-batch loss was not finite
+    z_losses: list[float] | None = None  # this rank's micro-batch z-losses (unscaled), when z_loss_coef > 0
 
 
 def train_step(engine, micro_batches: Iterable[dict], world: int,
-               reduce_sum: Callable[[list[float]], list[float]] = all_reduce_sum) -> StepResult:
+               reduce_sum: Callable[[list[float]], list[float]] = all_reduce_sum,
+               z_loss_coef: float = 0.0) -> StepResult:
     """Forward, backward and DeepSpeed step over one optimizer step's micro-batches (collective: every rank
     calls it with its own micro-batches, as many as the engine's gradient_accumulation_steps)."""
-    losses, finite = [], []
+    losses, finite, z_losses = [], [], []
     for batch in micro_batches:
         assert len(losses) < engine.gradient_accumulation_steps(), "more micro-batches than one optimizer step"
-        loss = engine(**batch).loss
-        ok = bool(torch.isfinite(loss))
-        engine.backward(loss if ok else loss * float("nan"))
+        out = engine(**batch)
+        loss = total = out.loss
+        if z_loss_coef:
+            z = z_loss(out.logits, batch["labels"])
+            total = loss + z_loss_coef * z
+            z_losses.append(z.item())
+        ok = bool(torch.isfinite(total))
+        engine.backward(total if ok else total * float("nan"))
         engine.step()
         losses.append(loss.item())
         finite.append(ok)
@@ -66,7 +85,8 @@ def train_step(engine, micro_batches: Iterable[dict], world: int,
         raise RuntimeError("DeepSpeed applied a step whose loss was not finite (is its overflow check off?)")
     norm = engine.get_global_grad_norm()
     return StepResult(losses=losses, finite_losses=finite, grad_norm=None if norm is None else float(norm),
-                      skipped=bool(not_applied), ranks_nonfinite_loss=int(bad_loss))
+                      skipped=bool(not_applied), ranks_nonfinite_loss=int(bad_loss),
+                      z_losses=z_losses if z_loss_coef else None)
 
 
 class NonFiniteStepsError(RuntimeError):

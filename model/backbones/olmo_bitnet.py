@@ -49,6 +49,10 @@ class OLMoBitNetConfig(PreTrainedConfig):
     weight_tying: the output head is the input embedding (OLMo-Bitnet-1B); false adds an untied `lm_head`
         of embedding_size rows (the paper's released LLaVA checkpoint has one).
     init_std: std of the normal initialisation of fresh weights.
+    qk_norm: Chameleon's QK-norm: an affine RMSNorm over each head's queries and keys (`q_norm`, `k_norm`,
+        head_dim wide, shared by the heads), before RoPE, bounding the attention logits' growth. Not in the
+        published OLMo-Bitnet-1B (false); it changes a pretrained model's function, so it belongs to models
+        trained (or ternarized) with it.
     """
 
     model_type = "olmo_bitnet"
@@ -72,6 +76,7 @@ class OLMoBitNetConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     weight_tying: bool = True
     init_std: float = 0.02
+    qk_norm: bool = False
     eos_token_id: int | None = 50279
     pad_token_id: int | None = 1
     bos_token_id: int | None = None
@@ -185,6 +190,9 @@ class OLMoBitNetBlock(GradientCheckpointingLayer):
         self.ff_out = BitLinear158(config.mlp_hidden_size // 2, d, eps)
         self.attn_norm = RMSNorm(d, eps)
         self.ff_norm = RMSNorm(d, eps)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps)
+            self.k_norm = RMSNorm(self.head_dim, eps)
 
     def attention(self, h, position_embeddings, attention_mask, cache, **kwargs):
         B, T, _ = h.shape
@@ -192,6 +200,8 @@ class OLMoBitNetBlock(GradientCheckpointingLayer):
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
