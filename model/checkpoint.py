@@ -222,7 +222,9 @@ def config_from_dict(raw: dict, folder: str) -> PreTrainedConfig:
 
 def model_from_config(raw: dict, folder: str) -> tuple[torch.nn.Module, str]:
     """(freshly initialised model, layout) of a config.json dict, any supported layout."""
-    if "d_model" in raw and "n_layers" in raw:  # OLMo's own field names (its model_type says "olmo" too)
+    if "d_model" in raw and "n_layers" in raw and raw.get("model_type") != "olmo_bitnet":
+        # OLMo's published config.json (its model_type says "olmo" too); this project's own LM folders
+        # (model_type olmo_bitnet, with fields such as qk_norm) go through config_from_dict
         return OLMoBitNetForCausalLM(OLMoBitNetConfig.from_olmo_config(raw)), "olmo_published"
     config = config_from_dict(raw, folder)
     if isinstance(config, BitLlavaConfig):

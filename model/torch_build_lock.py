@@ -1,25 +1,24 @@
 """Torch's JIT-build lock file (`lock` in an extension's build folder) outlives a process killed while
 holding it, and from then on every `torch.utils.cpp_extension.load` of that extension waits forever
-(`FileBaton.wait` has no timeout). A Serve replica or Train worker stopped during its start-up leaves
-one. These helpers clear such a file before a load: at once where the caller knows no one else can be
-building, else after waiting longer than any build takes."""
+(`FileBaton.wait` has no timeout); a Serve replica or Train worker stopped during its start-up leaves
+one. So this project's builds and loads run under an OS file lock (`flock`, released by the kernel when
+its holder dies), and under it a `lock` file can only be a dead process's: it is removed first."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
-import time
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 BATON = "lock"  # torch.utils.cpp_extension's FileBaton file name
 
 
-def clear_dead_baton(build_dir: str, wait_s: float = 0.0, poll_s: float = 0.5) -> bool:
-    """Remove `build_dir/lock` if it is still there after `wait_s` seconds; True if one was removed."""
+def clear_dead_baton(build_dir: str) -> bool:
+    """Remove `build_dir/lock` (call it holding `build_lock`); True if there was one."""
     path = os.path.join(build_dir, BATON)
-    deadline = time.time() + wait_s
-    while os.path.exists(path) and time.time() < deadline:
-        time.sleep(poll_s)
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -28,9 +27,22 @@ def clear_dead_baton(build_dir: str, wait_s: float = 0.0, poll_s: float = 0.5) -
     return True
 
 
-def clear_dead_deepspeed_baton(op_name: str = "deepspeed_shm_comm", wait_s: float = 300.0) -> bool:
-    """The same for a DeepSpeed JIT op (CPU training builds `deepspeed_shm_comm` on first use), waiting up to
-    `wait_s` for a live build in another process (about 40 s on 2 cores) before treating its lock as dead."""
+@contextlib.contextmanager
+def build_lock(build_dir: str) -> Iterator[None]:
+    """One process of this host at a time in `build_dir`, a dead one's torch lock cleared."""
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "build.flock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
+        clear_dead_baton(build_dir)
+        yield
+
+
+def load_deepspeed_shm_op() -> None:
+    """Build (once, about 40 s on 2 cores) or load DeepSpeed's CPU shared-memory all-reduce op under
+    `build_lock`, before `deepspeed.init_distributed` loads it again (then a no-op check): the ranks of a
+    host take turns, and a rank killed in the build cannot leave a lock the next run waits on forever."""
+    from deepspeed.comm.torch import build_shm_op
     from torch.utils.cpp_extension import _get_build_directory
 
-    return clear_dead_baton(_get_build_directory(op_name, verbose=False), wait_s=wait_s)
+    with build_lock(_get_build_directory("deepspeed_shm_comm", verbose=False)):
+        build_shm_op()

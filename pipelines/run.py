@@ -227,6 +227,8 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
                                 tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent,
                                 run_name=f"train-{phase}")
         settings = {k: v for k, v in tcfg.to_dict().items() if k not in ("parent_run_id", "tracking_uri")}
+        if not settings["z_loss"]:  # a later option, keyed only when on: older runs' done markers stay valid
+            del settings["z_loss"]
         init = steps.run(f"train-{phase}", settings, [f"preprocess-{phase}"] + (["train-align"] if phase ==
                          "instruct" else []), lambda tcfg=tcfg: run_training(tcfg))["model_dir"]
     model_dir = init

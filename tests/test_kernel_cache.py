@@ -58,17 +58,16 @@ def test_a_truncated_library_is_rebuilt(cache_copy):
     assert library.stat().st_size > 4096
 
 
-def test_deepspeeds_op_lock_is_waited_for_then_cleared(tmp_path, monkeypatch):
-    import threading
-
+def test_deepspeeds_shm_op_loads_past_a_dead_builders_lock(monkeypatch):
+    """What every CPU Train worker runs before deepspeed.init_distributed (a build of about 40 s the first time)."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    from model.torch_build_lock import clear_dead_deepspeed_baton
+    from model.torch_build_lock import load_deepspeed_shm_op
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
-    open(lock, "w").close()
-    threading.Timer(0.5, os.remove, [lock]).start()  # a live build in another process finishes
-    assert clear_dead_deepspeed_baton(wait_s=30) is False and not os.path.exists(lock)
-    open(lock, "w").close()  # a dead one's: still there after the wait
-    assert clear_dead_deepspeed_baton(wait_s=1) is True and not os.path.exists(lock)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    build_dir = _get_build_directory("deepspeed_shm_comm", verbose=False)
+    os.makedirs(build_dir, exist_ok=True)
+    lock = os.path.join(build_dir, "lock")
+    open(lock, "w").close()  # a rank killed inside torch's load: torch alone would wait here forever
+    load_deepspeed_shm_op()
+    assert not os.path.exists(lock) and any(f.endswith(".so") for f in os.listdir(build_dir))

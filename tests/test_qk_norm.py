@@ -94,3 +94,12 @@ def test_model_init_qk_norm_as_a_user_runs_it(tmp_path):
     refused = subprocess.run([bitllava, "model", "init", "--preset", "tiny", "--qk-norm", "--llm", "base", "--out",
                               "x"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "fresh LM" in refused.stderr
+
+
+def test_an_llm_only_folder_keeps_its_qk_norm(qk_folder, tmp_path):
+    lm = load_model(qk_folder)
+    save_model(str(tmp_path / "lm"), lm.model.language_model, lm.tokenizer)
+    loaded = load_model(str(tmp_path / "lm"))  # this project's olmo_bitnet layout, not OLMo's published one
+    assert not loaded.multimodal and loaded.model.config.qk_norm is True
+    want = lm.model.language_model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.model.state_dict().items())

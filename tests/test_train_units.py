@@ -370,3 +370,11 @@ def test_only_rank_zero_writes_the_trainer_state(tmp_path):
     manager.save(TrainerState(global_step=1), {"step": 1})
     assert seen == [[DS_TAG]]
 
+
+
+def test_z_loss_from_yaml_is_a_number(tmp_path):
+    from components.train.config import load_train_config
+
+    path = tmp_path / "t.yaml"
+    path.write_text("phase: align\nz_loss: 1e-5\n")  # YAML 1.1 reads this as a string
+    assert load_train_config(str(path), data="d", out="o", init="i").z_loss == 1e-5

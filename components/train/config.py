@@ -117,6 +117,7 @@ class TrainConfig:
             raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
         if self.max_failures < 0:
             raise ValueError("max_failures must be >= 0")
+        self.z_loss = float(self.z_loss)  # YAML reads 1e-5 (no dot) as a string
         if not 0 <= self.z_loss < 1:
             raise ValueError(f"z_loss is a small coefficient in [0, 1) (Chameleon 1e-5), got {self.z_loss}")
         if self.max_consecutive_skips < 0:

@@ -83,14 +83,14 @@ def build_engine(cfg, model, total_steps: int, bf16: bool):
     from transformers import get_cosine_schedule_with_warmup
 
     from components.train.deepspeed_config import deepspeed_config
-    from model.torch_build_lock import clear_dead_deepspeed_baton
+    from model.torch_build_lock import load_deepspeed_shm_op
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     ds_config = deepspeed_config(cfg, bf16)
     if not cfg.use_gpu:  # the CPU backend JIT-builds its shared-memory all-reduce op inside init_distributed
-        clear_dead_deepspeed_baton()
+        load_deepspeed_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, model_parameters=params)

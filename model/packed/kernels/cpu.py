@@ -20,7 +20,6 @@ callers then use the plain PyTorch reference (`model.packed.kernels.reference`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -33,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from model.torch_build_lock import clear_dead_baton
+from model.torch_build_lock import build_lock
 
 log = logging.getLogger(__name__)
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +62,8 @@ def cpu_supports_avx2() -> bool:
 
 def _build_name_and_dir() -> tuple[str, str]:
     """A module name and folder unique to the source, flags and torch version (no clash between versions)."""
-    sha = hashlib.sha256(" ".join(CFLAGS + LDFLAGS).encode())
+    # the flags and the interpreter's ABI (two venvs of different Pythons may share the cache)
+    sha = hashlib.sha256(" ".join(CFLAGS + LDFLAGS + (sys.implementation.cache_tag,)).encode())
     for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             sha.update(f.read())
@@ -103,26 +103,28 @@ def load_cpu_kernels() -> ModuleType | None:
 def _built_module() -> ModuleType:
     """Import the cached library, building it first (one process at a time) when it is missing or incomplete."""
     name, build_dir = _build_name_and_dir()
-    os.makedirs(build_dir, exist_ok=True)
     library = os.path.join(build_dir, f"{name}.so")
     done = library + ".done"  # the library's size, written once it built and imported: a cut-short link has none
-    with open(os.path.join(build_dir, "build.flock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
+    with build_lock(build_dir):
         if os.path.isfile(library) and _read(done) == str(os.path.getsize(library)):
-            return _import_library(name, library)
+            try:
+                return _import_library(name, library)
+            except ImportError as err:  # built against another libtorch or Python: build it again, once
+                log.warning("cached CPU kernel %s does not import (%s); rebuilding", library, err)
+                os.remove(done)
         if os.path.exists(library):  # never dlopen a possibly truncated library (it crashes the process)
             log.warning("cached CPU kernel %s is incomplete (a build cut short); rebuilding", library)
             os.remove(library)
         from torch.utils.cpp_extension import load
 
-        clear_dead_baton(build_dir)  # under our flock no live process is inside torch's baton
         _ninja_on_path()
         log.info("building the packed ternary CPU kernel in %s (about a minute, once)", build_dir)
         # lists of their own: torch appends to the flag lists it is given
         module = load(name=name, sources=SOURCES, build_directory=build_dir, extra_cflags=list(CFLAGS),
                       extra_ldflags=list(LDFLAGS), verbose=False)
-        with open(done, "w") as f:
+        with open(done + ".tmp", "w") as f:
             f.write(str(os.path.getsize(library)))
+        os.replace(done + ".tmp", done)  # whole or absent
         return module
 
 
