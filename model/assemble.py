@@ -24,11 +24,9 @@ from model.vision import build_image_processor
 
 
 def init_model(preset: str, seed: int = 0, vision: str | None = None, llm: str | None = None, qk_norm: bool = False):
-    """(model, tokenizer, image_processor): the preset, with the tower and/or LLM from pretrained folders or hub ids.
-    `qk_norm` (a fresh OLMo-Bitnet LM with Chameleon's QK-norm) is refused with `llm`: it would change the
-    pretrained LM's function."""
-    if qk_norm and llm is not None:
-        raise ValueError("qk_norm adds norms a pretrained LM was not trained with: it is for a fresh LM (no --llm)")
+    """(model, tokenizer, image_processor): the preset, with the tower and/or LLM from pretrained folders or hub ids;
+    `qk_norm`: a fresh OLMo-Bitnet LM with Chameleon's QK-norm (see `check_qk_norm`)."""
+    check_qk_norm(qk_norm, preset, llm)
     if llm is not None:
         loaded = load_model(llm)
         if loaded.multimodal:
@@ -46,6 +44,16 @@ def init_model(preset: str, seed: int = 0, vision: str | None = None, llm: str |
             raise ValueError(f"{llm}'s tokenizer differs from the {preset} preset's")
         load_state_dict_strict(model.language_model, loaded.model.state_dict(), llm)
     return model, tokenizer, processor
+
+
+def check_qk_norm(qk_norm: bool, preset: str, llm: str | None) -> None:
+    """QK-norm is for a fresh OLMo-Bitnet LM: on a pretrained one it adds norms the LM was not trained with."""
+    if not qk_norm:
+        return
+    if llm is not None:
+        raise ValueError("qk_norm adds norms a pretrained LM was not trained with: it is for a fresh LM (no --llm)")
+    if get_preset(preset).tokenizer is None:
+        raise ValueError(f"qk_norm is an option of the OLMo-Bitnet presets (tiny, 1b), not of {preset}")
 
 
 def load_tower(model: BitLlavaForConditionalGeneration, vision: str) -> None:

@@ -95,7 +95,7 @@ def preset_config(name: str, qk_norm: bool = False) -> tuple[BitLlavaConfig, Pre
     `model init --llm` does with the LLM's own tokenizer) and None for the tokenizer."""
     preset = get_preset(name)
     if preset.tokenizer is None:
-        if qk_norm:
+        if qk_norm:  # model.assemble.check_qk_norm says so where the choice enters
             raise ValueError(f"qk_norm is an option of the OLMo-Bitnet presets (tiny, 1b), not of {name}")
         text = text_config_from_dict({**preset.llm, "vocab_size": preset.llm["vocab_size"] + 1})
         config = BitLlavaConfig(text_config=text, vision_config=preset.vision(), image_token_id=preset.llm["vocab_size"])

@@ -16,15 +16,14 @@ log = logging.getLogger(__name__)
 BATON = "lock"  # torch.utils.cpp_extension's FileBaton file name
 
 
-def clear_dead_baton(build_dir: str) -> bool:
-    """Remove `build_dir/lock` (call it holding `build_lock`); True if there was one."""
+def clear_dead_baton(build_dir: str) -> None:
+    """Remove `build_dir/lock` (call it holding `build_lock`)."""
     path = os.path.join(build_dir, BATON)
     try:
         os.remove(path)
     except FileNotFoundError:
-        return False
+        return
     log.warning("removed %s, the build lock of a process that died while building (torch would wait forever)", path)
-    return True
 
 
 @contextlib.contextmanager

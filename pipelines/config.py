@@ -168,6 +168,7 @@ class PipelineConfig:
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
 
     def __post_init__(self):
+        from model.assemble import check_qk_norm
         from model.presets import get_preset
 
         preset = get_preset(self.preset)
@@ -176,9 +177,7 @@ class PipelineConfig:
         if preset.tokenizer is None and self.llm is None:
             raise ValueError(f"preset {self.preset!r} needs llm: (its LM, tokenizer and shapes come from the LLM "
                              "folder or hub id, e.g. microsoft/bitnet-b1.58-2B-4T-bf16)")
-        if self.qk_norm and (self.llm is not None or preset.tokenizer is None):
-            raise ValueError("qk_norm: true builds a fresh OLMo-Bitnet LM (tiny or 1b preset, no llm:); a "
-                             "pretrained LM was not trained with it")
+        check_qk_norm(self.qk_norm, self.preset, self.llm)
         self.data = from_mapping(DataSources, self.data, "data")
         self.preprocess = from_mapping(PreprocessSettings, self.preprocess, "preprocess")
         self.eval = from_mapping(EvalSettings, self.eval, "eval")

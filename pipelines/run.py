@@ -171,6 +171,15 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, until: str | N
         return {"pipeline": cfg.name, "until": until, "steps": steps.results, "mlflow_parent_run_id": parent}
 
 
+# Options added after runs existed, at the value that means "off": left out of step keys, so a run made
+# before them stays done (its markers' keys are unchanged) unless the option is turned on.
+LATER_OPTIONS = {"qk_norm": False, "z_loss": 0.0}
+
+
+def _keyed_when_set(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+
+
 def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experiment: str, parent: str) -> dict:
     out = cfg.out
 
@@ -187,9 +196,8 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
             publish_folder(d, storage.join(out, "model-init"))
         return {"model_dir": storage.join(out, "model-init")}
 
-    key = {"preset": cfg.preset, "seed": cfg.seed, "vision": cfg.vision, "llm": cfg.llm}
-    if cfg.qk_norm:  # only when on: configs without it keep their step keys (and done markers)
-        key["qk_norm"] = True
+    key = _keyed_when_set({"preset": cfg.preset, "seed": cfg.seed, "vision": cfg.vision, "llm": cfg.llm,
+                           "qk_norm": cfg.qk_norm})
     base = steps.run("init", key, [], do_init)["model_dir"]
 
     synth = None
@@ -226,9 +234,8 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
         tcfg = cfg.train_config(phase, data=stores[phase], out=storage.join(out, phase), init=init,
                                 tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent,
                                 run_name=f"train-{phase}")
-        settings = {k: v for k, v in tcfg.to_dict().items() if k not in ("parent_run_id", "tracking_uri")}
-        if not settings["z_loss"]:  # a later option, keyed only when on: older runs' done markers stay valid
-            del settings["z_loss"]
+        settings = _keyed_when_set({k: v for k, v in tcfg.to_dict().items()
+                                    if k not in ("parent_run_id", "tracking_uri")})
         init = steps.run(f"train-{phase}", settings, [f"preprocess-{phase}"] + (["train-align"] if phase ==
                          "instruct" else []), lambda tcfg=tcfg: run_training(tcfg))["model_dir"]
     model_dir = init

@@ -45,8 +45,10 @@ class StepMetrics:
     def reduce(self, step: int, lr: float, grad_norm: float | None, skipped_steps: int) -> dict:
         assert self.micro, "no micro-batch was added since the last reset"
         elapsed = self.clock() - self.start
-        values = [self.loss / self.micro, self.tokens, self.samples] + ([self.z / self.micro] if self.z is not None else [])
-        loss_sum, tokens, samples, *z_sum = self.reduce_sum(values)  # every rank adds z, or none does
+        values = [self.loss / self.micro, self.tokens, self.samples]
+        if self.z is not None:  # every rank adds z (z_loss > 0) or none does: the reduced lists match
+            values.append(self.z / self.micro)
+        loss_sum, tokens, samples, *z_sum = self.reduce_sum(values)
         metrics = {
             "loss": loss_sum / self.world,
             "lr": lr,
