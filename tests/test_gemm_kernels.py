@@ -15,6 +15,7 @@ from model.packed.packing import pack_2bit, padded_row_length
 
 # /proc/cpuinfo flags each path needs (the OS clears AVX-512 flags when it does not save zmm state)
 PATH_FLAGS = {
+    "amx_int8": {"amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512vbmi"},
     "avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
     "avx_vnni": {"avx2", "avx_vnni"},
     "avx2": {"avx2"},
@@ -94,13 +95,42 @@ def test_every_path_holds_the_largest_sums(ext):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_sized_fused_forward_equals_the_python_path(ext, dtype):
-    # rms_norm + quantisation (threaded over rows at this size) + the default GEMM path
+    # rms_norm + quantisation (threaded over rows at this size) + each GEMM path; bf16 activations
+    # come back in bf16, written by the GEMM itself on the paths that can (amx_int8)
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     x = (torch.randn(600, 1000, generator=g) * torch.rand(600, 1, generator=g) * 8).to(dtype)
     x[5] = 0
+    x[7, :37] = 3.0e-39  # subnormal inputs
     w = pack_2bit(torch.randint(-1, 2, (70, 1000), dtype=torch.int8, generator=g)).data
     assert 600 >= ext.gemm_min_rows()
-    assert torch.equal(packed_linear_forward(x, 1e-5, w, 3.0, "cpu"), packed_linear_forward(x, 1e-5, w, 3.0, "reference"))
+    for path in ext.gemm_paths():
+        ext.set_gemm_path(path)
+        # a huge weight scale makes outputs that are subnormal in float32 and bf16, which the bf16
+        # rounding must keep as PyTorch's cast does
+        for w_scale in (3.0, 1.0e36):
+            got = packed_linear_forward(x, 1e-5, w, w_scale, "cpu")
+            assert got.dtype == dtype
+            assert torch.equal(got, packed_linear_forward(x, 1e-5, w, w_scale, "reference")), (path, w_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantisation_matches_the_python_path_at_every_row_length(ext, dtype):
+    # the vectorised quantisation (8 lanes) and its scalar tail; rows of zeros and of ties (x.5 after scaling)
+    from model.bitlinear import activation_scale
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for k in (1, 7, 8, 9, 130, 1000):
+        x_n = (torch.randn(40, k, generator=g) * 5).to(dtype)
+        x_n[3] = 0
+        x_n[4] = torch.arange(k, dtype=torch.float32).to(dtype) * 0.5 - k / 4  # amax k/4: many exact halves
+        codes = torch.randint(-1, 2, (16, k), dtype=torch.int8, generator=g)
+        w = pack_2bit(codes).data
+        s_x = activation_scale(x_n)
+        x_i = (x_n * s_x).round().clamp(-128, 127).to(torch.int8)
+        x_i = torch.nn.functional.pad(x_i, (0, w.shape[1] * 4 - k))
+        want = ternary_linear_reference(x_i, s_x.reshape(-1).float(), w, 2.0)
+        got = ext.ternary_linear_normed(x_n.contiguous(), w, 2.0)
+        assert torch.equal(got, want), k
 
 
 def run_with_env(value: str) -> subprocess.CompletedProcess:

@@ -1,8 +1,8 @@
 """The CPU kernels (`ternary_cpu.cpp`, `ternary_gemm.cpp`), compiled on first use and cached.
 
 Two kernels: the row kernel (AVX2) for decode-sized calls, and an int8 GEMM for calls of at least
-`gemm_min_rows` token rows, on the widest int8 dot product the CPU has: AVX-512 VNNI, AVX-VNNI,
-else AVX2. The path is chosen at run time from the CPU (`gemm_paths()`), or forced with
+`gemm_min_rows` token rows, on the widest int8 dot product the CPU has: AMX-INT8, AVX-512 VNNI,
+AVX-VNNI, else AVX2. The path is chosen at run time from the CPU (`gemm_paths()`), or forced with
 `$BITLLAVA_CPU_GEMM` (a path name, or "rows" for the row kernel only); `kernel_info()` says which.
 
 Built with `torch.utils.cpp_extension.load` (ninja, the system C++ compiler, OpenMP through
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(_HERE, name) for name in ("ternary_cpu.cpp", "ternary_gemm.cpp")]
 HEADERS = [os.path.join(_HERE, "ternary_gemm.h")]
-# the baseline is AVX2; the AVX-512 VNNI and AVX-VNNI GEMM paths carry their own target flags (GCC
+# the baseline is AVX2; the AMX, AVX-512 VNNI and AVX-VNNI GEMM paths carry their own target flags (GCC
 # target pragmas in ternary_gemm.cpp) and run only where the CPU has them
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

@@ -145,8 +145,11 @@ int64_t g_gemm_min_rows = 32;  // measured crossover at the 1b shapes (benchmark
 
 // y[m, n] = (sum_k code[n, k] * x[m, k]) / (x_scale[m] * w_scale) into y (M, N) float32.
 // x: int8 (M, Kp), Kp % 128 == 0, zero past the true K; w: N rows of Kp / 4 bytes (2-bit layout).
+// With yb (bfloat16 output) instead of yp: only where gemm_writes_bf16(M) (the caller checks).
+bool gemm_writes_bf16(int64_t M) { return M >= g_gemm_min_rows && bitllava::gemm_path_writes_bf16(g_gemm_path); }
+
 void ternary_gemm(const int8_t* xp, const float* sp, int64_t M, int64_t kp, const uint8_t* wp, int64_t N,
-                  float ws, float* yp) {
+                  float ws, float* yp, uint16_t* yb = nullptr) {
   const int64_t row_bytes = kp / 4;
   std::vector<int32_t> xsum(M);
   std::vector<float> denom(M);
@@ -158,7 +161,7 @@ void ternary_gemm(const int8_t* xp, const float* sp, int64_t M, int64_t kp, cons
     denom[m] = sp[m] * ws;  // the same float32 product as the reference's s_x * s_w
   }
   if (M >= g_gemm_min_rows) {
-    bitllava::ternary_gemm_int8(g_gemm_path, xp, M, kp, wp, N, xsum.data(), denom.data(), yp);
+    bitllava::ternary_gemm_int8(g_gemm_path, xp, M, kp, wp, N, xsum.data(), denom.data(), yp, yb);
     return;
   }
 
@@ -193,18 +196,53 @@ inline float to_f(T v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_f(float v) { return static_cast<T>(v); }  // c10::BFloat16 rounds to nearest-even
 
+// 8 values of a row as float32: bfloat16 widened exactly (its bits are the float's top half)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// v rounded to T and back: identity for float32; for bfloat16 nearest-even in integers, as
+// c10::BFloat16's constructor (NaN becomes 0x7FC0, a NaN again)
+inline __m256 round_to(const float*, __m256 v) { return v; }
+inline __m256 round_to(const c10::BFloat16*, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+  const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000u))));
+  return _mm256_blendv_ps(rounded, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
 template <typename T>
 void quantize_rows(const T* xn, int64_t M, int64_t K, int64_t kp, int8_t* xq, float* sx) {
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
 #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
   for (int64_t m = 0; m < M; ++m) {
     const T* row = xn + m * K;
+    // max |x| is exact in any order; NaN compares false in max_ps as in std::max(amax, NaN)
+    __m256 vmax = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(_mm256_and_ps(load8(row + k), sign), vmax);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_f(row[k])));
+    for (int i = 0; i < 8; ++i) amax = std::max(amax, lanes[i]);
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(to_f(row[k])));
     const T clamped = from_f<T>(std::max(amax, to_f(from_f<T>(1e-5f))));
     const T recip = from_f<T>(1.f / to_f(clamped));
     const T s = from_f<T>(to_f(recip) * 127.f);
+    const __m256 vs = _mm256_set1_ps(to_f(s));
     int8_t* q = xq + m * kp;
-    for (int64_t k = 0; k < K; ++k) {
+    k = 0;
+    for (; k + 8 <= K; k += 8) {
+      // x * s in float, rounded to T; cvtps rounds to nearest-even as nearbyint does, NaN gives
+      // INT_MIN, and the saturating packs clamp to [-128, 127] (NaN to -128, as the scalar code)
+      const __m256i i32 = _mm256_cvtps_epi32(round_to(row, _mm256_mul_ps(load8(row + k), vs)));
+      const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
+    }
+    for (; k < K; ++k) {
       const float v = to_f(from_f<T>(to_f(row[k]) * to_f(s)));
       q[k] = static_cast<int8_t>(std::min(127.f, std::max(-128.f, std::nearbyint(v))));
     }
@@ -229,8 +267,9 @@ torch::Tensor ternary_linear(torch::Tensor x, torch::Tensor x_scale, torch::Tens
 }
 
 // The packed linear from x_n = rms_norm(x): quantisation fused in (one call per layer instead of
-// a dozen small PyTorch ops). x_n: float32 or bfloat16 (M, K) contiguous -> float32 (M, N).
-torch::Tensor ternary_linear_normed(torch::Tensor xn, torch::Tensor w, double w_scale) {
+// a dozen small PyTorch ops). x_n: float32 or bfloat16 (M, K) contiguous -> float32 (M, N), or
+// with `out` bfloat16 the same values cast to bfloat16 (written directly where the GEMM path can).
+torch::Tensor linear_normed(const torch::Tensor& xn, const torch::Tensor& w, double w_scale, torch::ScalarType out) {
   TORCH_CHECK(xn.device().is_cpu() && w.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(xn.dim() == 2 && xn.is_contiguous(), "x_n must be a contiguous (M, K) tensor");
   TORCH_CHECK(xn.scalar_type() == torch::kFloat || xn.scalar_type() == torch::kBFloat16, "x_n must be float32 or bfloat16");
@@ -244,10 +283,20 @@ torch::Tensor ternary_linear_normed(torch::Tensor xn, torch::Tensor w, double w_
   } else {
     quantize_rows<c10::BFloat16>(xn.data_ptr<c10::BFloat16>(), M, K, kp, xq.data_ptr<int8_t>(), sx.data_ptr<float>());
   }
+  if (out == torch::kBFloat16 && gemm_writes_bf16(M)) {
+    auto y = torch::empty({M, N}, xn.options().dtype(torch::kBFloat16));
+    ternary_gemm(xq.data_ptr<int8_t>(), sx.data_ptr<float>(), M, kp, w.data_ptr<uint8_t>(), N,
+                 static_cast<float>(w_scale), nullptr, reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()));
+    return y;
+  }
   auto y = torch::empty({M, N}, xn.options().dtype(torch::kFloat));
   ternary_gemm(xq.data_ptr<int8_t>(), sx.data_ptr<float>(), M, kp, w.data_ptr<uint8_t>(), N,
                static_cast<float>(w_scale), y.data_ptr<float>());
-  return y;
+  return out == torch::kFloat ? y : y.to(out);
+}
+
+torch::Tensor ternary_linear_normed(torch::Tensor xn, torch::Tensor w, double w_scale) {
+  return linear_normed(xn, w, w_scale, torch::kFloat);
 }
 
 namespace {
@@ -291,7 +340,7 @@ torch::Tensor ternary_linear_fused(torch::Tensor x, double eps, torch::Tensor w,
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be float32 or bfloat16");
   const auto xc = x.contiguous();
   const auto x_n = x.scalar_type() == torch::kFloat ? rms_norm_rows<float>(xc, eps) : rms_norm_rows<c10::BFloat16>(xc, eps);
-  return ternary_linear_normed(x_n, w, w_scale).to(x.scalar_type());
+  return linear_normed(x_n, w, w_scale, x.scalar_type());
 }
 
 namespace {

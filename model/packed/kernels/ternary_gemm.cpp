@@ -15,6 +15,8 @@
 // is exact in int32 (|sum| <= 2 * 128 * Kp), so y equals the reference bit for bit.
 //
 // Paths (chosen at run time, see gemm_paths_available):
+//   amx_int8:    tile registers, P = 32 rows, 32 tokens per 2 x 2 tile block, blocked for L1/L2
+//                (its own section below)
 //   avx512_vnni: zmm vpdpbusd, P = 48 rows (3 registers of 16 lanes), MR = 8 tokens: 24 accumulators
 //   avx_vnni:    ymm vpdpbusd (VEX), P = 16 rows, MR = 6: 12 accumulators in the 16 ymm registers
 //   avx2:        ymm vpmaddubsw (pairs into int16, never saturating: |2 * 2 * 128| < 2^15) summed in
@@ -25,6 +27,9 @@
 
 #include <immintrin.h>
 #include <omp.h>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -281,6 +286,233 @@ void panel_rows_avx2(const uint8_t* panel, const int8_t* x, int64_t M, int64_t k
   }
 }
 
+
+// ---------------------------------------------------------------- AMX-INT8
+// Tile registers (Sapphire Rapids and later): one `tdpbsud` multiplies a 16 x 64 tile of signed
+// activations by a 64 x 16 tile of unsigned digits (16 rows of 4 k for 16 columns, the panel
+// layout above with P = 32: row stride 128 bytes) into 16 x 16 int32, 16384 multiply-adds.
+// Tiles: tmm0-3 a 32 x 32 accumulator block, tmm4-5 two token tiles, tmm6-7 two digit tiles.
+//
+// At 16 K multiply-adds per instruction the operands, not the multiplies, set the speed, so the
+// loops are blocked as in GotoBLAS: a thread takes kNc output columns, unpacks their digits for
+// kKc codes of k at a time (kNc x kKc bytes, in L2), and sweeps every 32-row strip of tokens over
+// them (a strip, 32 x kKc bytes, stays in L1 while it meets the kNc / 32 digit panels). The int32
+// sums of the kNc columns live in a per-thread buffer between k blocks. Token rows are padded to a
+// multiple of 32 with zeros (rows past M are computed, never stored).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,amx-tile,amx-int8")
+
+constexpr int kPAmx = 32, kMRAmx = 32;
+constexpr int64_t kNcAmx = 256, kKcAmx = 1024;
+
+struct TileConfig {  // the 64-byte operand of ldtilecfg, palette 1
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void amx_configure() {  // tile configuration is per thread
+  alignas(64) TileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  // through asm with the struct as a memory operand: GCC 12 drops the stores above as dead when
+  // they reach ldtilecfg through _tile_loadconfig's void pointer (then every tile op faults)
+  asm volatile("ldtilecfg %0" : : "m"(config));
+}
+
+// The digits of packed bytes [g0, g0 + groups) of rows [n0, n0 + 32) (rows at or past N: zeros)
+// as a digit panel: out[g * 32 + r] = word of byte g0 + g of row n0 + r. In blocks of 16 rows x
+// 16 bytes: a byte transpose (two vpermt2b and a blend per 64 bytes), then each 16-byte row of
+// the result spread to 16 words of 4 digits by vpmultishiftqb (byte s of a word = bits 2s, 2s+1).
+void unpack_panel_amx(const uint8_t* w, int64_t N, int64_t kp, int64_t n0, int64_t g0, int64_t groups,
+                      uint8_t* out) {
+  const int64_t row_bytes = kp / 4;
+  alignas(64) uint8_t idx_bytes[4][64];
+  for (int k = 0; k < 4; ++k)
+    for (int q = 0; q < 4; ++q)
+      for (int r = 0; r < 16; ++r) idx_bytes[k][16 * q + r] = uint8_t((r % 8) / 4 * 64 + 16 * (r % 4) + 4 * k + q);
+  __m512i idx[4];
+  for (int k = 0; k < 4; ++k) idx[k] = _mm512_load_si512(idx_bytes[k]);
+  const __mmask64 upper_rows = 0xFF00FF00FF00FF00ull;  // bytes of rows 8-15 in each 16-byte lane
+  const __m512i shifts = _mm512_set1_epi64(0x0E0C0A0806040200ll);
+  const __m512i two_bits = _mm512_set1_epi8(3);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  for (int rb = 0; rb < kPAmx; rb += 16) {
+    const uint8_t* row[16];
+    for (int r = 0; r < 16; ++r) row[r] = n0 + rb + r < N ? w + (n0 + rb + r) * row_bytes + g0 : nullptr;
+    for (int64_t gb = 0; gb < groups; gb += 16) {
+      __m512i in[4];
+      for (int i = 0; i < 4; ++i) {
+        __m128i lane[4];
+        for (int l = 0; l < 4; ++l) {
+          const uint8_t* p = row[4 * i + l];
+          lane[l] = p ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + gb)) : _mm_setzero_si128();
+        }
+        __m512i v = _mm512_castsi128_si512(lane[0]);
+        v = _mm512_inserti32x4(v, lane[1], 1);
+        v = _mm512_inserti32x4(v, lane[2], 2);
+        in[i] = _mm512_inserti32x4(v, lane[3], 3);
+      }
+      for (int k = 0; k < 4; ++k) {
+        const __m512i lo = _mm512_permutex2var_epi8(in[0], idx[k], in[1]);
+        const __m512i hi = _mm512_permutex2var_epi8(in[2], idx[k], in[3]);
+        const __m512i t = _mm512_mask_blend_epi8(upper_rows, lo, hi);  // groups 4k..4k+3, 16 rows each
+        const __m128i q4[4] = {_mm512_castsi512_si128(t), _mm512_extracti32x4_epi32(t, 1),
+                               _mm512_extracti32x4_epi32(t, 2), _mm512_extracti32x4_epi32(t, 3)};
+        for (int q = 0; q < 4; ++q) {
+          const __m512i words = _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_cvtepu16_epi64(q4[q])), two_bits);
+          _mm512_storeu_si512(dst + (gb + 4 * k + q) * kPAmx + rb, words);
+        }
+      }
+    }
+  }
+}
+
+// Token strips and sums in tile order, so that every tile load and store reads 1 KB at once: rows
+// of a matrix 2-8 KB apart would fall into the same few L1 sets and evict each other.
+//   strips: strip s (32 rows) x chunk t (64 bytes of k): 2 KB at (s * kp / 64 + t) * 2048, rows of 64
+//   acc:    strip s x panel p (32 columns): 4 tiles of 16 x 16 int32 at (s * kNc / 32 + p) * 4096 bytes
+//
+// Taken from x directly, in the packed layout's k order (permute_activations): the 64 bytes of
+// chunk t = 2b + h are bytes 32s + 16h + j (s < 4, j < 16) of 128-byte block b, one vpermt2b.
+void tile_strips(const int8_t* x, int64_t M, int64_t kp, int8_t* strips) {
+  const int64_t chunks = kp / 64, held = (M + kMRAmx - 1) / kMRAmx * kMRAmx;
+  alignas(64) uint8_t idx_bytes[2][64];
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 16; ++j)
+      for (int q = 0; q < 4; ++q) idx_bytes[h][4 * j + q] = uint8_t(32 * q + 16 * h + j);
+  const __m512i idx0 = _mm512_load_si512(idx_bytes[0]), idx1 = _mm512_load_si512(idx_bytes[1]);
+#pragma omp parallel for schedule(static) if (M * kp >= (1 << 16))
+  for (int64_t m = 0; m < held; ++m) {
+    int8_t* base = strips + (m / kMRAmx) * chunks * 2048 + (m % kMRAmx) * 64;
+    for (int64_t t = 0; t < chunks; t += 2) {
+      __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+      if (m < M) {
+        lo = _mm512_loadu_si512(x + m * kp + t * 64);
+        hi = _mm512_loadu_si512(x + m * kp + t * 64 + 64);
+      }
+      _mm512_storeu_si512(base + t * 2048, _mm512_permutex2var_epi8(lo, idx0, hi));
+      _mm512_storeu_si512(base + (t + 1) * 2048, _mm512_permutex2var_epi8(lo, idx1, hi));
+    }
+  }
+}
+
+// acc (one strip: kNc / 32 panels of 4 tiles) += strip (chunks [t0, t0 + kc / 64)) x the digit
+// panels of `panels` x 32 columns (panel p at b + p * 32 * kc); `fresh`: acc starts from zero.
+void strip_amx(const int8_t* strip, const uint8_t* b, int64_t kc, int panels, bool fresh, int32_t* acc) {
+  constexpr int64_t kB = kPAmx * 4;  // bytes per digit-panel row
+  for (int p = 0; p < panels; ++p) {
+    int32_t* c = acc + p * 1024;
+    if (fresh) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    } else {
+      _tile_loadd(0, c, 64);
+      _tile_loadd(1, c + 256, 64);
+      _tile_loadd(2, c + 512, 64);
+      _tile_loadd(3, c + 768, 64);
+    }
+    const uint8_t* panel = b + p * kPAmx * kc;
+    for (int64_t t = 0; t < kc / 64; ++t) {
+      const uint8_t* bt = panel + t * 16 * kB;
+      _tile_loadd(4, strip + t * 2048, 64);
+      _tile_loadd(5, strip + t * 2048 + 1024, 64);
+      _tile_loadd(6, bt, kB);
+      _tile_loadd(7, bt + 64, kB);
+      _tile_dpbsud(0, 4, 6);
+      _tile_dpbsud(1, 4, 7);
+      _tile_dpbsud(2, 5, 6);
+      _tile_dpbsud(3, 5, 7);
+    }
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + 256, 64);
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
+  }
+}
+
+// y[m, n0 + c] = float(acc[m, c] - xsum[m]) / denom[m] for m < M, c < cols, into float32 y or,
+// when y is null, bfloat16 yb: rounded to nearest-even in integers as c10::BFloat16 does (NaN to
+// 0x7FC0; vcvtneps2bf16 would flush subnormals, c10 keeps them).
+void store_block_amx(const int32_t* acc, int64_t M, const int32_t* xsum, const float* denom, float* y,
+                     uint16_t* yb, int64_t N, int64_t cols) {
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512i xs = _mm512_set1_epi32(xsum[m]);
+    const __m512 dn = _mm512_set1_ps(denom[m]);
+    const int32_t* strip = acc + (m / kMRAmx) * kNcAmx * kMRAmx + (m % kMRAmx) / 16 * 512 + (m % 16) * 16;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t left = cols - c;
+      const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512i d = _mm512_loadu_si512(strip + (c / 32) * 1024 + (c % 32) / 16 * 256);
+      const __m512 v = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, xs)), dn);
+      if (y) {
+        _mm512_mask_storeu_ps(y + m * N + c, keep, v);
+        continue;
+      }
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(bias, lsb)), 16);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+      _mm256_mask_storeu_epi16(yb + m * N + c, keep, _mm512_cvtepi32_epi16(r));
+    }
+  }
+}
+
+// x: the activations as tile_strips lays them out.
+void ternary_gemm_amx(const int8_t* x, int64_t M, int64_t kp, const uint8_t* w, int64_t N, const int32_t* xsum,
+                      const float* denom, float* y, uint16_t* yb) {
+  const int64_t rows_held = (M + kMRAmx - 1) / kMRAmx * kMRAmx, blocks = (N + kNcAmx - 1) / kNcAmx;
+  const bool threads = blocks > 1 && M * kp * kNcAmx >= (int64_t(1) << 22);
+#pragma omp parallel if (threads)
+  {
+    static thread_local std::vector<uint8_t> digits;  // per OpenMP thread, reused across calls
+    static thread_local std::vector<int32_t> acc;
+    digits.resize(static_cast<size_t>(kNcAmx * kKcAmx));
+    acc.resize(static_cast<size_t>(rows_held * kNcAmx));
+    amx_configure();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t n0 = blk * kNcAmx, cols = std::min<int64_t>(kNcAmx, N - n0);
+      const int panels = static_cast<int>((cols + kPAmx - 1) / kPAmx);
+      for (int64_t k0 = 0; k0 < kp; k0 += kKcAmx) {
+        const int64_t kc = std::min<int64_t>(kKcAmx, kp - k0);  // a multiple of 128
+        for (int p = 0; p < panels; ++p)
+          unpack_panel_amx(w, N, kp, n0 + p * kPAmx, k0 / 4, kc / 4, digits.data() + p * kPAmx * kc);
+        for (int64_t m0 = 0; m0 < rows_held; m0 += kMRAmx)
+          strip_amx(x + m0 * kp + k0 * 32, digits.data(), kc, panels, k0 == 0, acc.data() + m0 * kNcAmx);
+      }
+      store_block_amx(acc.data(), M, xsum, denom, y ? y + n0 : nullptr, y ? nullptr : yb + n0, N, cols);
+    }
+    _tile_release();
+  }
+}
+
+#pragma GCC pop_options
+
+// AMX needs the CPU's tile instructions, the OS's tile state in XCR0 (bits 17-18) and, on Linux,
+// this process's permission for the tile data (granted once, for all its threads).
+bool amx_usable() {
+  static const bool usable = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") ||
+        !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512vbmi"))
+      return false;
+    unsigned int xcr0_lo, xcr0_hi;
+    asm volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
 using PanelRows = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, const int32_t*, const float*, float*,
                            int64_t, int64_t);
 
@@ -290,6 +522,7 @@ std::vector<std::string> gemm_paths_available() {
   // __builtin_cpu_supports reads CPUID and the OS's enabled register state (XCR0) of the machine it runs on
   std::vector<std::string> paths;
   __builtin_cpu_init();
+  if (amx_usable()) paths.emplace_back("amx_int8");
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512vnni"))
     paths.emplace_back("avx512_vnni");
@@ -299,7 +532,8 @@ std::vector<std::string> gemm_paths_available() {
 }
 
 bool gemm_path_from_name(const std::string& name, GemmPath* path) {
-  if (name == "avx512_vnni") *path = GemmPath::kAvx512Vnni;
+  if (name == "amx_int8") *path = GemmPath::kAmxInt8;
+  else if (name == "avx512_vnni") *path = GemmPath::kAvx512Vnni;
   else if (name == "avx_vnni") *path = GemmPath::kAvxVnni;
   else if (name == "avx2") *path = GemmPath::kAvx2;
   else return false;
@@ -308,14 +542,24 @@ bool gemm_path_from_name(const std::string& name, GemmPath* path) {
 
 const char* gemm_path_name(GemmPath path) {
   switch (path) {
+    case GemmPath::kAmxInt8: return "amx_int8";
     case GemmPath::kAvx512Vnni: return "avx512_vnni";
     case GemmPath::kAvxVnni: return "avx_vnni";
     default: return "avx2";
   }
 }
 
+bool gemm_path_writes_bf16(GemmPath path) { return path == GemmPath::kAmxInt8; }
+
 void ternary_gemm_int8(GemmPath path, const int8_t* x, int64_t M, int64_t kp, const uint8_t* w, int64_t N,
-                       const int32_t* xsum, const float* denom, float* y) {
+                       const int32_t* xsum, const float* denom, float* y, uint16_t* y_bf16) {
+  if (path == GemmPath::kAmxInt8) {
+    static thread_local std::vector<int8_t> strips;  // per calling thread: no fresh pages per call
+    strips.resize(static_cast<size_t>((M + kMRAmx - 1) / kMRAmx * kMRAmx * kp));
+    tile_strips(x, M, kp, strips.data());
+    ternary_gemm_amx(strips.data(), M, kp, w, N, xsum, denom, y, y_bf16);
+    return;
+  }
   const int P = path == GemmPath::kAvx512Vnni ? kP512 : kP256;
   const PanelRows rows = path == GemmPath::kAvx512Vnni ? panel_rows_avx512_vnni
                          : path == GemmPath::kAvxVnni  ? panel_rows_avx_vnni
@@ -323,7 +567,9 @@ void ternary_gemm_int8(GemmPath path, const int8_t* x, int64_t M, int64_t kp, co
   const int64_t panels = (N + P - 1) / P;
   // threads only when the work pays for starting them (about 1 M multiply-adds per panel sweep)
   const bool threads = panels > 1 && M * kp * P >= (int64_t(1) << 20);
-  std::vector<int8_t> xperm(static_cast<size_t>(M * kp));
+  static thread_local std::vector<int8_t> xperm;  // per calling thread: no fresh pages per call
+  xperm.resize(static_cast<size_t>(M * kp));
+  const int8_t* xp = xperm.data();  // the team's threads each see their own thread_local, not this one
   permute_activations(x, M, kp, xperm.data());
 #pragma omp parallel if (threads)
   {
@@ -333,7 +579,7 @@ void ternary_gemm_int8(GemmPath path, const int8_t* x, int64_t M, int64_t kp, co
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * P;
       unpack_panel(w, N, kp, n0, P, panel.data());
-      rows(panel.data(), xperm.data(), M, kp, xsum, denom, y + n0, N, std::min<int64_t>(P, N - n0));
+      rows(panel.data(), xp, M, kp, xsum, denom, y + n0, N, std::min<int64_t>(P, N - n0));
     }
   }
 }
