@@ -132,7 +132,7 @@ def _add_eval_parsers(sub) -> None:
     run.add_argument("--cpus-per-actor", type=int, default=1)
     run.add_argument("--max-new-tokens", type=int, default=16)
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                     help="auto: the LLM in float32 on CPU, the vision tower in bf16 where the CPU has native bf16")
+                     help="auto: bf16 on a GPU or a CPU with native bf16 (avx512_bf16, amx_bf16), else float32")
     run.add_argument("--address", dest="ray_address", default=None, help="Ray cluster address (default: local)")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")

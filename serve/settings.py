@@ -82,8 +82,7 @@ class EngineSettings:
     batch_wait_ms: when idle, how long the first request waits for others to share its prefill.
     dtype: activations and non-packed weights: "bfloat16" (as stored), "float32" (numerically
         closest to training; on CPUs without bf16 units also the faster), or "auto": bfloat16
-        on a GPU; on a CPU the LLM in float32 and the vision tower + projector in bfloat16 where
-        the CPU has native bf16 (avx512_bf16 / amx_bf16), else float32 (`model.precision`).
+        on a GPU and on a CPU with native bf16 (avx512_bf16 / amx_bf16), else float32 (`model.precision`).
     backend: kernel of the packed linears (`model.packed.kernels`: auto picks by device).
     head: output head, "dense" (the tied embedding) or "int8" (per-row int8 copy).
     device: "auto" (cuda when the replica has a GPU, else cpu), "cpu" or "cuda".

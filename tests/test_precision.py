@@ -15,7 +15,7 @@ def test_auto_follows_the_device_and_the_cpus_bf16_support():
         flags = next(line for line in f if line.startswith("flags")).split()
     native = any(flag in flags for flag in NATIVE_BF16_FLAGS)
     assert cpu_has_native_bf16() == native
-    assert resolve_dtypes("auto", torch.device("cpu")) == (torch.float32, torch.bfloat16 if native else torch.float32)
+    assert resolve_dtypes("auto", torch.device("cpu")) == ((torch.bfloat16,) * 2 if native else (torch.float32,) * 2)
     assert resolve_dtypes("auto", torch.device("cuda")) == (torch.bfloat16, torch.bfloat16)
     assert resolve_dtypes("float32", torch.device("cpu")) == (torch.float32, torch.float32)
     assert resolve_dtypes("bfloat16", torch.device("cpu")) == (torch.bfloat16, torch.bfloat16)

@@ -42,8 +42,8 @@ def load_eval_model(path: str, dtype: str = "float32") -> LoadedModel:
     """A checkpoint folder (or hub id) or a packed model folder, in eval mode; it must take images.
 
     Both load through `model.loading.load_any_model`, so a packed folder answers as the checkpoint it
-    was packed from. dtype: "float32", "bfloat16", or "auto" (`model.precision.resolve_dtypes`: on a
-    CPU the LLM in float32 and the tower + projector in bf16 where the CPU has native bf16).
+    was packed from. dtype: "float32", "bfloat16", or "auto" (`model.precision.resolve_dtypes`: bf16 on a
+    GPU or a CPU with native bf16, else float32).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     llm_dtype, vision_dtype = resolve_dtypes(dtype, device)

@@ -79,9 +79,8 @@ class EvalConfig:
     max_new_tokens: int = 16
     """Longest answer, in tokens (short answers need few)."""
     dtype: str = "auto"
-    """Float type of the model's non-ternary parts: "auto" (the LLM in float32 on CPU, the vision tower and
-    projector in bf16 where the CPU has native bf16; all bf16 on a GPU: `model.precision`), "float32" or
-    "bfloat16"."""
+    """Float type of the model's non-ternary parts: "auto" (bf16 on a GPU or a CPU with native bf16, else
+    float32: `model.precision`), "float32" or "bfloat16"."""
     ray_address: str | None = None
     """Ray cluster to join ("auto", "ray://host:10001"); None: a Ray already initialised in this process,
     else a fresh local cluster."""
