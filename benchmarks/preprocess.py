@@ -32,7 +32,7 @@ from components.data.preprocess import PreprocessConfig, preprocess  # noqa: E40
 from components.data.records import BadRecord, ImageSource, RecordProcessor  # noqa: E402
 from components.data.synth import SynthConfig, synthesize  # noqa: E402
 from model.presets import preset_config  # noqa: E402
-from model.vision import build_image_processor  # noqa: E402
+from model.towers import build_image_processor  # noqa: E402
 
 
 class PeakMemory:
@@ -68,7 +68,7 @@ class PeakMemory:
 
 def plain_loop(summary: dict) -> tuple[int, float]:
     config, tokenizer = preset_config("tiny")
-    proc = RecordProcessor(tokenizer, build_image_processor(config.vision_config.image_size), "plain",
+    proc = RecordProcessor(tokenizer, build_image_processor(config.vision_config), "plain",
                            config.num_image_tokens, 256)
     source = ImageSource(summary["images"])
     records = json.load(open(summary["json"]))

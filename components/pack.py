@@ -82,9 +82,9 @@ def _load_source(config: PackConfig):
         model = random_packed_model(model_config, seed=config.seed)
         processor = None
         if not config.llm_only:
-            from model.vision import build_image_processor
+            from model.towers import build_image_processor
 
-            processor = build_image_processor(model_config.vision_config.image_size)
+            processor = build_image_processor(model_config.vision_config)
         return model, tokenizer, processor, f"preset:{config.preset}"
     path = os.path.join(config.checkpoint, "config.json")
     if os.path.isfile(path):

@@ -12,7 +12,6 @@ features) and training both read, so every step sees the same tower and tokenize
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionModel
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from model.backbones import backbone, embedding_rows
@@ -20,23 +19,25 @@ from model.checkpoint import load_model, load_state_dict_strict
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
 from model.presets import build_from_preset, get_preset
 from model.tokenizer import image_token_id
-from model.vision import build_image_processor
+from model.towers import build_image_processor, build_tower, load_pretrained_tower, pretrained_vision_config
 
 
 def init_model(preset: str, seed: int = 0, vision: str | None = None, llm: str | None = None, qk_norm: bool = False):
     """(model, tokenizer, image_processor): the preset, with the tower and/or LLM from pretrained folders or hub ids;
+    `vision`: a CLIP or SigLIP tower (its kind, shapes and processor from its own config, `model.towers`);
     `qk_norm`: a fresh OLMo-Bitnet LM with Chameleon's QK-norm (see `check_qk_norm`)."""
     check_qk_norm(qk_norm, preset, llm)
+    vision_config = pretrained_vision_config(vision) if vision is not None else None
     if llm is not None:
         loaded = load_model(llm)
         if loaded.multimodal:
             raise ValueError(f"{llm} is a multimodal model; --llm takes a language model")
         if loaded.layout not in ("olmo_bitnet", "olmo_published"):
-            model, tokenizer, processor = compose_on_llm(preset, loaded.model, loaded.tokenizer, seed)
+            model, tokenizer, processor = compose_on_llm(preset, loaded.model, loaded.tokenizer, seed, vision_config)
             if vision is not None:
                 load_tower(model, vision)
             return model, tokenizer, processor
-    model, tokenizer, processor = build_from_preset(preset, seed=seed, qk_norm=qk_norm)
+    model, tokenizer, processor = build_from_preset(preset, seed=seed, qk_norm=qk_norm, vision_config=vision_config)
     if vision is not None:
         load_tower(model, vision)
     if llm is not None:
@@ -57,7 +58,7 @@ def check_qk_norm(qk_norm: bool, preset: str, llm: str | None) -> None:
 
 
 def load_tower(model: BitLlavaForConditionalGeneration, vision: str) -> None:
-    tower = CLIPVisionModel.from_pretrained(vision, dtype=torch.float32)
+    tower = load_pretrained_tower(vision)
     load_state_dict_strict(model.vision_tower, tower.state_dict(), vision)
 
 
@@ -82,20 +83,22 @@ def add_image_row(lm, tokenizer) -> int:
 
 
 @torch.no_grad()
-def compose_on_llm(preset: str, lm, tokenizer, seed: int = 0):
-    """A multimodal model of `preset`'s vision tower on a loaded backbone LM (its weights kept)."""
+def compose_on_llm(preset: str, lm, tokenizer, seed: int = 0, vision_config=None):
+    """A multimodal model of `preset`'s vision tower (or of `vision_config`'s) on a loaded backbone LM (its weights
+    kept)."""
     spec = backbone(lm.config.model_type)
     if spec.image_token != "added row":
         raise ValueError(f"{spec.family} LMs are composed through the {preset} preset's own config")
     image_id = add_image_row(lm, tokenizer)
-    config = BitLlavaConfig(text_config=lm.config, vision_config=get_preset(preset).vision(), image_token_id=image_id)
+    vision = vision_config if vision_config is not None else get_preset(preset).vision()
+    config = BitLlavaConfig(text_config=lm.config, vision_config=vision, image_token_id=image_id)
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     with torch.device("meta"):  # the LM exists already: build the frame without a second random copy
         model = BitLlavaForConditionalGeneration(config)
     model.language_model = lm
-    model.vision_tower = CLIPVisionModel(config.vision_config)
+    model.vision_tower = build_tower(config.vision_config)
     model.multi_modal_projector = LlavaMultiModalProjector(config)
     for linear in (model.multi_modal_projector.linear_1, model.multi_modal_projector.linear_2):
         linear.weight.normal_(mean=0.0, std=0.02)
@@ -103,4 +106,4 @@ def compose_on_llm(preset: str, lm, tokenizer, seed: int = 0):
     model.to(torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer, build_image_processor(config.vision_config.image_size)
+    return model.eval(), tokenizer, build_image_processor(config.vision_config)

@@ -27,7 +27,7 @@ from model.backbones import BACKBONES, build_causal_lm, text_config_from_dict
 from model.backbones.olmo_bitnet import OLMoBitNetConfig, OLMoBitNetForCausalLM
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
 from model.tokenizer import olmo_tokenizer_file, with_image_token
-from model.vision import CLIPImageProcessorPil
+from model.towers import build_tower, load_image_processor
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -36,7 +36,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 class LoadedModel:
     model: BitLlavaForConditionalGeneration | PreTrainedModel  # the multimodal model or a backbone LM
     tokenizer: PreTrainedTokenizerFast
-    image_processor: CLIPImageProcessorPil | None
+    image_processor: object | None  # the tower's image processor (model.towers)
     layout: str  # "bitllava" | "olmo_bitnet" | "olmo_published" | a transformers model_type (llama, ...)
 
     @property
@@ -256,22 +256,21 @@ def load_model(path_or_hub_id: str, dtype: torch.dtype = torch.float32) -> Loade
         tokenizer = _published_tokenizer(folder, model.config)
     else:
         tokenizer = load_tokenizer(folder)
-    processor = CLIPImageProcessorPil.from_pretrained(folder) if layout == "bitllava" else None
+    processor = load_image_processor(folder, model.config.vision_config) if layout == "bitllava" else None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=processor, layout=layout)
 
 
 def load_vision_tower(folder: str):
-    """Only the CLIP tower of a bitllava folder (what cached-feature preprocessing runs), in eval mode."""
+    """Only the vision tower of a bitllava folder (what cached-feature preprocessing runs), in eval mode."""
     from safetensors import safe_open
-    from transformers import CLIPVisionModel
 
     raw = read_config(folder)
     if raw.get("model_type") != "bitllava":
         raise ValueError(f"{folder} is not a multimodal bitllava model folder")
     config = BitLlavaConfig.from_dict(raw)
-    tower = CLIPVisionModel(config.vision_config)
+    tower = build_tower(config.vision_config)
     prefix = "vision_tower."
     path = os.path.join(folder, "model.safetensors")
     if os.path.isfile(path):

@@ -29,7 +29,8 @@ from model.backbones.olmo_bitnet import OLMoBitNetConfig
 from model.checkpoint import load_state_dict_strict, read_config, read_state_dict, resolve_model_dir
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
 from model.tokenizer import image_token_id, load_olmo_tokenizer
-from model.vision import build_image_processor, clip_vit_l14_config
+from model.towers import build_image_processor
+from model.towers.clip import clip_vit_l14_config
 
 RELEASE_SUBFOLDER = os.path.join("checkpoints", "llava-LlavaOLMoBitnet1B-Run3-finetune")
 KEY_FAMILIES = (  # (prefix in the release, prefix here)
@@ -112,4 +113,4 @@ def import_llava_olmo_bitnet(path_or_hub_id: str):
     tokenizer = load_olmo_tokenizer()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer, build_image_processor(config.vision_config.image_size)
+    return model.eval(), tokenizer, build_image_processor(config.vision_config)

@@ -1,4 +1,4 @@
-"""BitLLaVA: CLIP vision tower -> mlp2x_gelu projector -> a ternary LM (OLMo-Bitnet, BitNet, Llama, ...).
+"""BitLLaVA: a vision tower (CLIP or SigLIP) -> mlp2x_gelu projector -> a ternary LM (OLMo-Bitnet, BitNet, Llama, ...).
 
 Source: Sundaram et al., "LLaVaOLMoBitNet1B: Ternary LLM goes Multimodal!" (2024), built on the
 LLaVA-1.5 recipe. The merge follows transformers' LLaVA: each `<image>` placeholder is expanded
@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedConfig,
-                          PreTrainedModel)
+from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from model.backbones import backbone, build_causal_lm, embedding_rows, predicted_vocab
-from model.vision import num_patches, select_patch_features
+from model.towers import build_tower, num_patches, select_patch_features
 
 
 class BitLlavaConfig(PreTrainedConfig):
     """Composite config.
 
     text_config: the LM's config; its model_type picks the backbone (`model.backbones`; default olmo_bitnet).
-    vision_config: the CLIP vision tower (`CLIPVisionConfig`).
+    vision_config: the vision tower's config; its model_type picks the tower (`model.towers`: CLIP or SigLIP).
     image_token_id: id of the `<image>` placeholder: a spare row of OLMo's padded embedding (never
         predicted), or for other backbones a row added to the embedding (and head).
     vision_feature_layer: hidden layer of the tower whose patch tokens are used (-2 in LLaVA-1.5).
@@ -42,7 +41,7 @@ class BitLlavaConfig(PreTrainedConfig):
 
     model_type = "bitllava"
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="olmo_bitnet"),
-                            "vision_config": CLIPVisionConfig}
+                            "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model")}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -78,7 +77,8 @@ class BitLlavaPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     supports_gradient_checkpointing = True
     _no_split_modules = ["OLMoBitNetBlock", "LlamaDecoderLayer", "Qwen2DecoderLayer", "OlmoDecoderLayer",
-                         "Olmo2DecoderLayer", "BitNetDecoderLayer", "CLIPEncoderLayer"]
+                         "Olmo2DecoderLayer", "BitNetDecoderLayer", "CLIPEncoderLayer",
+                         "SiglipEncoderLayer"]
     _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -96,7 +96,7 @@ class BitLlavaPreTrainedModel(PreTrainedModel):
 class BitLlavaForConditionalGeneration(BitLlavaPreTrainedModel, GenerationMixin):
     def __init__(self, config: BitLlavaConfig):
         super().__init__(config)
-        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.vision_tower = build_tower(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)  # Linear -> GELU -> Linear
         self.language_model = build_causal_lm(config.text_config)
         self.post_init()

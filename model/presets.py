@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import CLIPVisionConfig, PreTrainedTokenizerFast
+from transformers import CLIPVisionConfig, PreTrainedConfig, PreTrainedTokenizerFast
 
 from model.backbones import embedding_rows, hidden_size, text_config_from_dict
 from model.bitlinear import BitLinear158
 from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
 from model.backbones.olmo_bitnet import OLMoBitNetConfig
 from model.tokenizer import build_tiny_tokenizer, image_token_id, load_olmo_tokenizer
-from model.vision import build_image_processor, clip_vit_l14_config
+from model.towers import build_image_processor
+from model.towers.clip import clip_vit_l14_config
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -87,18 +88,21 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def preset_config(name: str, qk_norm: bool = False) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast | None]:
+def preset_config(name: str, qk_norm: bool = False, vision_config: PreTrainedConfig | None = None,
+                  ) -> tuple[BitLlavaConfig, PreTrainedTokenizerFast | None]:
     """The preset's config, with vocabulary sizes and special tokens taken from its tokenizer; `qk_norm` turns
-    on the OLMo-Bitnet LM's per-head QK-norm (Chameleon's).
+    on the OLMo-Bitnet LM's per-head QK-norm (Chameleon's); `vision_config` replaces the preset's tower (a CLIP
+    or SigLIP config, `model.towers`).
 
     A preset without a shipped tokenizer gets `<image>` as one added row after its vocabulary (what
     `model init --llm` does with the LLM's own tokenizer) and None for the tokenizer."""
     preset = get_preset(name)
+    vision = vision_config if vision_config is not None else preset.vision()
     if preset.tokenizer is None:
         if qk_norm:  # model.assemble.check_qk_norm says so where the choice enters
             raise ValueError(f"qk_norm is an option of the OLMo-Bitnet presets (tiny, 1b), not of {name}")
         text = text_config_from_dict({**preset.llm, "vocab_size": preset.llm["vocab_size"] + 1})
-        config = BitLlavaConfig(text_config=text, vision_config=preset.vision(), image_token_id=preset.llm["vocab_size"])
+        config = BitLlavaConfig(text_config=text, vision_config=vision, image_token_id=preset.llm["vocab_size"])
         config.eos_token_id = text.eos_token_id
         return config, None
     tokenizer = preset.tokenizer()
@@ -112,15 +116,15 @@ def preset_config(name: str, qk_norm: bool = False) -> tuple[BitLlavaConfig, Pre
         pad_token_id=tokenizer.pad_token_id,
         qk_norm=qk_norm,
     )
-    config = BitLlavaConfig(text_config=text, vision_config=preset.vision(), image_token_id=image_id)
+    config = BitLlavaConfig(text_config=text, vision_config=vision, image_token_id=image_id)
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     return config, tokenizer
 
 
-def build_from_preset(name: str, seed: int = 0, qk_norm: bool = False):
-    """Random-weight model, tokenizer and image processor of a preset."""
-    config, tokenizer = preset_config(name, qk_norm)
+def build_from_preset(name: str, seed: int = 0, qk_norm: bool = False, vision_config: PreTrainedConfig | None = None):
+    """Random-weight model, tokenizer and image processor of a preset (with another tower: `preset_config`)."""
+    config, tokenizer = preset_config(name, qk_norm, vision_config)
     if tokenizer is None:
         raise ValueError(f"the {name} preset has no shipped tokenizer: build it on its LLM's folder "
                          f"(bitllava model init --preset {name} --llm FOLDER_OR_HUB_ID)")
@@ -128,7 +132,7 @@ def build_from_preset(name: str, seed: int = 0, qk_norm: bool = False):
     model = BitLlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    processor = build_image_processor(config.vision_config.image_size)
+    processor = build_image_processor(config.vision_config)
     return model, tokenizer, processor
 
 

@@ -191,7 +191,8 @@ def _cmd_model_init(args) -> int:
                                              llm=paths.model_ref(args.llm), qk_norm=args.qk_norm)
     save_model(out, model, tokenizer, processor)
     print(json.dumps({"model_dir": out, "preset": args.preset, "backbone": model.config.text_config.model_type,
-                      **count_parameters(model)}))
+                      "vision_tower": model.config.vision_config.model_type,
+                      "image_tokens": model.config.num_image_tokens, **count_parameters(model)}))
     return 0
 
 
@@ -256,7 +257,7 @@ def _add_data_parsers(sub) -> None:
     pre.add_argument("--images", required=True, help="image folder, .zip or s3:// prefix")
     pre.add_argument("--out", required=True, help="store folder or s3:// URI")
     pre.add_argument("--phase", required=True, help="align (plain template) or instruct (v1 template)")
-    pre.add_argument("--encode", default="pixels", help="pixels or features (frozen CLIP patch features)")
+    pre.add_argument("--encode", default="pixels", help="pixels or features (the frozen tower's patch features)")
     pre.add_argument("--model", default=None, help="base model folder (bitllava model init); needed for features")
     pre.add_argument("--preset", default="tiny", help="tokenizer/image processor preset when --model is absent")
     pre.add_argument("--max-length", type=int, default=None)
@@ -277,7 +278,9 @@ def _cmd_train(args) -> int:
     cfg = load_train_config(args.config, phase=args.phase, data=args.data, out=args.out, init=args.init,
                             workers=args.workers, zero_stage=args.zero_stage, max_steps=args.max_steps,
                             use_gpu=args.use_gpu or None, gradient_checkpointing=args.gradient_checkpointing or None,
-                            parent_run_id=args.parent_run_id, experiment=args.experiment)
+                            parent_run_id=args.parent_run_id, experiment=args.experiment,
+                            tune_projector=args.tune_projector, tune_llm=args.tune_llm, tune_vision=args.tune_vision,
+                            tune_vision_from_layer=args.tune_vision_from_layer)
     print(json.dumps(run_training(cfg, address=args.address)))
     return 0
 
@@ -321,6 +324,13 @@ def _add_train_parsers(sub) -> None:
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--parent-run-id", default=None, help="MLflow run to nest this phase under")
     train.add_argument("--experiment", default=None, help="MLflow experiment")
+    train.add_argument("--tune-projector", default=None, choices=["full", "frozen"], help="default full")
+    train.add_argument("--tune-llm", default=None, choices=["full", "frozen"],
+                       help="default: frozen for align, full for instruct")
+    train.add_argument("--tune-vision", default=None, choices=["frozen", "full", "partial"],
+                       help="default frozen; a trained tower needs a pixels store")
+    train.add_argument("--tune-vision-from-layer", type=int, default=None,
+                       help="first trained tower layer of --tune-vision partial")
     train.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
     train.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     train.set_defaults(func=_cmd_train)
@@ -464,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny, 1b or bitnet-2b-4t: the vision tower's shape (and the LM's, without --llm)")
     init.add_argument("--out", required=True, help="model folder to write")
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--vision", default=None, help="CLIP vision weights: folder or hub id")
+    init.add_argument("--vision", default=None, help="a CLIP or SigLIP vision tower, folder or hub id (its config "
+                      "gives the kind, image size and patch count)")
     init.add_argument("--llm", default=None,
                       help="LM folder or hub id: OLMo-Bitnet, or a transformers Llama, Qwen2, OLMo, OLMo-2 or "
                            "BitNet folder (made ternary; the projector follows its hidden size)")

@@ -142,12 +142,16 @@ class PipelineConfig:
     preset: model preset ("tiny", "1b").
     out: storage root for every step's output (local folder or s3://bucket/prefix).
     seed: seed of the random initial weights and data order.
-    vision / llm: pretrained CLIP tower / LM (folder or hub id: OLMo-Bitnet, or a transformers Llama, Qwen2,
+    vision / llm: pretrained CLIP or SigLIP tower / LM (folder or hub id: OLMo-Bitnet, or a transformers Llama, Qwen2,
         OLMo, OLMo-2 or BitNet LLM, made ternary); null keeps the preset's random weights.
     qk_norm: a fresh OLMo-Bitnet LM with Chameleon's QK-norm (no `llm:`; see OLMoBitNetConfig.qk_norm).
     data: see DataSources.
     preprocess: see PreprocessSettings.
     align / instruct: TrainConfig fields; `config:` names a YAML of them (relative to pipelines/configs/).
+    share: TrainConfig fields of a second pre-training stage between align and instruct (TinyLLaVA's share
+        recipe: the align data, from the align model, training the LLM and the upper tower too; e.g.
+        `config: train/1b-share.yaml`); null: no such stage. It trains on the align store, which must
+        then hold pixels where it trains the tower (`preprocess.encode`).
     eval / pack / serve / mlflow: see EvalSettings, PackSettings, ServeSettings, MlflowSettings.
     """
 
@@ -162,6 +166,7 @@ class PipelineConfig:
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     align: dict = field(default_factory=dict)
     instruct: dict = field(default_factory=dict)
+    share: dict | None = None
     eval: EvalSettings = field(default_factory=EvalSettings)
     pack: PackSettings = field(default_factory=PackSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
@@ -184,17 +189,33 @@ class PipelineConfig:
         self.pack = from_mapping(PackSettings, self.pack, "pack")
         self.serve = from_mapping(ServeSettings, self.serve, "serve")
         self.mlflow = from_mapping(MlflowSettings, self.mlflow, "mlflow")
-        # the phase settings must form valid TrainConfigs
-        for phase in ("align", "instruct"):
-            self.train_config(phase, data="<store>", out="<out>", init="<init>")
+        # the stages' settings must form valid TrainConfigs
+        for stage in self.train_stages:
+            self.train_config(stage, data="<store>", out="<out>", init="<init>")
+        if self.share is not None and self.train_config("share", data="<store>", out="<out>", init="<init>").trains_tower \
+                and self.preprocess.encode("align") != "pixels":
+            raise ValueError("share: trains the vision tower, so the align store must hold pixels, not cached "
+                             "features of the old tower: set preprocess.encode to pixels for align")
 
-    def train_config(self, phase: str, **locations):
+    @property
+    def train_stages(self) -> list[str]:
+        """The training stages in order: align, share (when configured), instruct."""
+        return ["align"] + (["share"] if self.share is not None else []) + ["instruct"]
+
+    def train_config(self, stage: str, **locations):
+        """The TrainConfig of a stage; `share` trains on the align data (the align phase's template)."""
         from components.train.config import load_train_config
 
-        settings = dict(getattr(self, phase))
+        if stage == "share" and not isinstance(self.share, dict):
+            raise ValueError(f"share: must be a mapping of training settings, not {self.share!r}")
+        settings = dict(getattr(self, stage))
         path = settings.pop("config", None)
         if path and not os.path.isabs(path):
             path = os.path.join(ROOT, "pipelines", "configs", path)
+        phase = "align" if stage == "share" else stage
+        if settings.get("phase", phase) != phase:
+            raise ValueError(f"{stage}: trains phase {phase!r} data; drop phase: {settings['phase']!r}")
+        settings.pop("phase", None)
         return load_train_config(path, phase=phase, seed=self.seed, **settings, **locations)
 
 

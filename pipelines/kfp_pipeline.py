@@ -17,6 +17,7 @@ import os
 from kfp import compiler, dsl
 
 from pipelines.config import ROOT, load_pipeline_config
+from pipelines.run import step_names
 
 IMAGE = "ghcr.io/bitllava/bitllava:0.1.0-ray2.60.0"
 
@@ -34,13 +35,6 @@ def pipeline_step(config: str, step: str, ray_address: str, out: str) -> str:
     # stopped after `step`: the steps' results; the last step (deploy) returns the whole summary
     results = summary["steps"] if "steps" in summary else {"deploy": summary["served"]}
     return json.dumps({k: v for k, v in results.items() if k == step or k.startswith(step)}, default=str)
-
-
-def step_names(cfg) -> list[str]:
-    names = ["init"] + (["synth"] if cfg.data.synth else [])
-    names += ["preprocess-align", "preprocess-instruct", "train-align", "train-instruct"]
-    names += ["eval"] if cfg.eval.tasks else []
-    return names + ["pack", "deploy"]
 
 
 def build_pipeline(config_path: str):

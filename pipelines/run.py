@@ -25,8 +25,15 @@ def _log(message: str) -> None:
     print(f"[pipeline] {message}", file=sys.stderr, flush=True)
 
 
-STEPS = ("init", "synth", "preprocess-align", "preprocess-instruct", "train-align", "train-instruct", "eval",
-         "pack", "deploy")
+STEPS = ("init", "synth", "preprocess-align", "preprocess-instruct", "train-align", "train-share", "train-instruct",
+         "eval", "pack", "deploy")
+
+
+def step_names(cfg: PipelineConfig) -> list[str]:
+    """This config's steps in order (what `run --until` and the Kubeflow tasks name)."""
+    names = ["init"] + (["synth"] if cfg.data.synth else []) + ["preprocess-align", "preprocess-instruct"]
+    names += [f"train-{stage}" for stage in cfg.train_stages]
+    return names + (["eval"] if cfg.eval.tasks else []) + ["pack", "deploy"]
 
 
 class StopPipeline(Exception):
@@ -96,7 +103,7 @@ def plan(cfg: PipelineConfig) -> dict:
         # the instruct set: two conversations per image
         records = {"cc595k": synth.records, "instruct": 2 * (synth.instruct_images or synth.records // 2)}
     enc = {p: cfg.preprocess.encode(p) for p in ("align", "instruct")}
-    train = {p: cfg.train_config(p, data="<store>", out="<out>", init="<init>") for p in ("align", "instruct")}
+    train = {s: cfg.train_config(s, data="<store>", out="<out>", init="<init>") for s in cfg.train_stages}
 
     def resources(t: TrainConfig) -> str:
         return f"{t.workers} workers x ({'1 GPU' if t.use_gpu else f'{t.cpus_per_worker} CPU'}), ZeRO-{t.zero_stage}"
@@ -110,8 +117,12 @@ def plan(cfg: PipelineConfig) -> dict:
             *({"step": f"preprocess-{p}", "encode": enc[p], "output": storage.join(cfg.out, "stores", p),
                "estimated_bytes": records["cc595k" if p == "align" else "instruct"]
                * (pixels if enc[p] == "pixels" else features)} for p in ("align", "instruct")),
-            *({"step": f"train-{p}", "resources": resources(train[p]), "output": storage.join(cfg.out, p),
-               "global_batch": train[p].global_batch, "lr": train[p].lr} for p in ("align", "instruct")),
+            *({"step": f"train-{s}", "resources": resources(train[s]), "output": storage.join(cfg.out, s),
+               "global_batch": train[s].global_batch, "lr": train[s].lr,
+               "tune": {"projector": train[s].tune_projector, "llm": train[s].tune_llm,
+                        "vision": train[s].tune_vision + (f" from layer {train[s].tune_vision_from_layer}"
+                                                          if train[s].tune_vision == "partial" else "")}}
+              for s in cfg.train_stages),
             *({"step": f"eval-{t}", "output": storage.join(cfg.out, "eval", t)} for t in cfg.eval.tasks),
             {"step": "pack", "format": cfg.pack.format, "output": storage.join(cfg.out, "packed")},
             {"step": "deploy", "keep_running": cfg.serve.keep_running},
@@ -154,6 +165,8 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, until: str | N
 
     if until is not None and until not in STEPS:
         raise ValueError(f"unknown step {until!r}; choose one of {STEPS}")
+    if until == "train-share" and cfg.share is None:
+        raise ValueError("this config has no share stage: there is no train-share step")
     if until == "synth" and not cfg.data.synth:
         raise ValueError("this config generates no data: there is no synth step")
     if not ray.is_initialized():
@@ -173,11 +186,15 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None, until: str | N
 
 # Options added after runs existed, at the value that means "off": left out of step keys, so a run made
 # before them stays done (its markers' keys are unchanged) unless the option is turned on.
-LATER_OPTIONS = {"qk_norm": False, "z_loss": 0.0}
+LATER_OPTIONS = {"qk_norm": False, "z_loss": 0.0, "tune_projector": "full", "tune_vision": "frozen",
+                 "tune_vision_from_layer": None, "projector_lr": None, "vision_lr": None}
+TRAIN_DATA = {"align": "align", "share": "align", "instruct": "instruct"}  # the store each stage trains on
 
 
-def _keyed_when_set(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+def _keyed_when_set(settings: dict, **off) -> dict:
+    """`settings` without the later options at their "off" values (LATER_OPTIONS, and `off` for this step's)."""
+    off = {**LATER_OPTIONS, **off}
+    return {k: v for k, v in settings.items() if not (k in off and v == off[k])}
 
 
 def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experiment: str, parent: str) -> dict:
@@ -227,17 +244,19 @@ def _run_steps(cfg: PipelineConfig, steps: StepRunner, tracking_uri: str, experi
         stores[phase] = steps.run(f"preprocess-{phase}", settings, ["init"] + (["synth"] if synth else []),
                                   do_preprocess)["store"]
 
+    from components.train.config import PHASE_TUNING
     from components.train.run import run_training
 
-    init = base
-    for phase in ("align", "instruct"):
-        tcfg = cfg.train_config(phase, data=stores[phase], out=storage.join(out, phase), init=init,
+    init, previous = base, []
+    for stage in cfg.train_stages:  # each stage starts from the model of the one before
+        tcfg = cfg.train_config(stage, data=stores[TRAIN_DATA[stage]], out=storage.join(out, stage), init=init,
                                 tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent,
-                                run_name=f"train-{phase}")
+                                run_name=f"train-{stage}")
         settings = _keyed_when_set({k: v for k, v in tcfg.to_dict().items()
-                                    if k not in ("parent_run_id", "tracking_uri")})
-        init = steps.run(f"train-{phase}", settings, [f"preprocess-{phase}"] + (["train-align"] if phase ==
-                         "instruct" else []), lambda tcfg=tcfg: run_training(tcfg))["model_dir"]
+                                    if k not in ("parent_run_id", "tracking_uri")}, tune_llm=PHASE_TUNING[tcfg.phase])
+        init = steps.run(f"train-{stage}", settings, [f"preprocess-{TRAIN_DATA[stage]}"] + previous,
+                         lambda tcfg=tcfg: run_training(tcfg))["model_dir"]
+        previous = [f"train-{stage}"]
     model_dir = init
 
     from components.evaluate.run import EvalConfig, run_eval

@@ -51,7 +51,8 @@ from model.backbones import context_length
 from model.checkpoint import config_from_dict, load_tokenizer
 from model.multimodal import BitLlavaConfig
 from model.packed.packed_checkpoint import read_packing
-from model.vision import CLIPImageProcessorPil, preprocess_images
+from model.towers import load_image_processor
+from model.vision import preprocess_images
 from serve.engine import GenerationRequest, SamplingParams
 from serve.errors import (AUTHENTICATION, INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, UNAVAILABLE, APIError,
                           bad_request, error_event, error_response, overloaded, pydantic_param, retry_after)
@@ -89,7 +90,7 @@ class ModelInfo:
         self.template = config.template if self.multimodal else "v1"
         self.num_image_tokens = config.num_image_tokens if self.multimodal else 0
         self.context = context_length(text)
-        self.processor = CLIPImageProcessorPil.from_pretrained(folder) if self.multimodal else None
+        self.processor = load_image_processor(folder, config.vision_config) if self.multimodal else None
         self.tokenizer = load_tokenizer(folder)
 
 

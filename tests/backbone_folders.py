@@ -62,3 +62,34 @@ def write_llm_folder(folder: str, family: str, seed: int = 0) -> str:
     with open(os.path.join(folder, "config.json")) as f:
         assert json.load(f)["model_type"] == family
     return folder
+
+
+# vision towers as `save_pretrained` writes them: CLIP's (CLS + 16 patches at 64 px) and SigLIP's (no CLS,
+# 25 patches at 60 px with its pooling head, as google/siglip-* publish it)
+TOWER_FIELDS = {
+    "clip": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, patch_size=16,
+                 image_size=64, projection_dim=32, hidden_act="quick_gelu"),
+    "siglip": dict(hidden_size=40, intermediate_size=72, num_hidden_layers=3, num_attention_heads=2, patch_size=12,
+                   image_size=60, hidden_act="gelu_pytorch_tanh", vision_use_head=True),
+}
+
+
+def write_tower_folder(folder: str, kind: str, seed: int = 0, full_model: bool = False) -> str:
+    """A random CLIP or SigLIP vision tower; `full_model`: the whole two-tower model (CLIPModel / SiglipModel) as
+    the hub's openai/clip-* and google/siglip-* checkpoints hold it."""
+    from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel,
+                              SiglipVisionConfig, SiglipVisionModel)
+
+    torch.manual_seed(seed)
+    fields = TOWER_FIELDS[kind]
+    vision = (CLIPVisionConfig if kind == "clip" else SiglipVisionConfig)(**fields)
+    if full_model:
+        text = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        if kind == "clip":
+            model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=32))
+        else:
+            model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision.to_dict()))
+    else:
+        model = (CLIPVisionModel if kind == "clip" else SiglipVisionModel)(vision)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

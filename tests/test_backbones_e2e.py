@@ -1,9 +1,11 @@
-"""A backbone other than OLMo-Bitnet through the whole path, as a user runs it: a tiny BitNet b1.58 (2B-4T
-architecture: GQA, SubLN, squared ReLU, an `<image>` row added to the tied embedding) LLM folder in
-transformers' published layout, `bitllava model init --llm` on it (relative paths, from the user's folder),
-a few align and instruct steps on 2 Ray Train + DeepSpeed CPU workers, packing, and `bitllava serve`
-answering an image chat through the `openai` client. One end-to-end run for the capability; every family's
-load, compose, train step and pack parity (Qwen2's biases and spare row included): test_backbones.py."""
+"""A backbone and a tower other than OLMo-Bitnet and CLIP through the whole path, as a user runs it: a tiny
+BitNet b1.58 (2B-4T architecture: GQA, SubLN, squared ReLU, an `<image>` row added to the tied embedding) LLM
+folder in transformers' published layout and a tiny SigLIP tower folder (no CLS token, 25 patches, its own
+processor), `bitllava model init --llm --vision` on them (relative paths, from the user's folder), stores of
+cached SigLIP features, a few align and instruct steps on 2 Ray Train + DeepSpeed CPU workers, packing, and
+`bitllava serve` answering an image chat through the `openai` client. One end-to-end run for both
+capabilities; every family's load, compose, train step and pack parity (Qwen2's biases and spare row
+included): test_backbones.py; the towers' features and processors: test_towers.py."""
 
 import base64
 import io
@@ -29,7 +31,7 @@ from components.train.config import load_train_config
 from components.train.run import run_training
 from model.checkpoint import load_model, read_state_dict
 from model.packed.packed_checkpoint import read_packing
-from tests.backbone_folders import write_llm_folder
+from tests.backbone_folders import write_llm_folder, write_tower_folder
 from tests.test_train_nonfinite import features_store
 
 pytestmark = pytest.mark.slow
@@ -58,7 +60,7 @@ def serve_and_ask(packed: str, cwd, image: Image.Image) -> str:
         reply = client.chat.completions.create(model=info["model_name"], max_tokens=6, messages=[{
             "role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                         {"type": "text", "text": "What color is the shape?"}]}])
-        assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 16  # 16 image positions
+        assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 25  # 25 SigLIP patches
         return reply.choices[0].message.content
     finally:
         proc.send_signal(signal.SIGINT)
@@ -69,14 +71,16 @@ def serve_and_ask(packed: str, cwd, image: Image.Image) -> str:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_a_backbone_inits_trains_packs_and_serves(tmp_path):
+def test_a_backbone_and_a_tower_init_train_pack_and_serve(tmp_path):
     family = "bitnet"
     write_llm_folder(str(tmp_path / "llm"), family, seed=2)
-    init = subprocess.run([BIN, "model", "init", "--preset", "tiny", "--llm", "llm", "--out", "base"],
+    write_tower_folder(str(tmp_path / "tower"), "siglip", seed=2)
+    init = subprocess.run([BIN, "model", "init", "--preset", "tiny", "--llm", "llm", "--vision", "tower", "--out", "base"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert init.returncode == 0, init.stderr[-3000:]
     summary = json.loads(init.stdout.strip().splitlines()[-1])
     assert summary["backbone"] == family and summary["model_dir"] == str(tmp_path / "base")
+    assert summary["vision_tower"] == "siglip_vision_model" and summary["image_tokens"] == 25
     base = str(tmp_path / "base")
 
     synth = synthesize(SynthConfig(out=str(tmp_path / "synth"), records=24, eval=0, seed=3))

@@ -11,7 +11,7 @@ import pytest
 from components.data.records import BadRecord, ImageSource, RecordProcessor
 from components.data.synth import CORRUPT_KINDS, SynthConfig, synthesize
 from model.presets import preset_config
-from model.vision import build_image_processor
+from model.towers.clip import clip_image_processor
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="module")
 def processor():
     config, tokenizer = preset_config("tiny")
-    return lambda template: RecordProcessor(tokenizer, build_image_processor(64), template, 16, 256)
+    return lambda template: RecordProcessor(tokenizer, clip_image_processor(64), template, 16, 256)
 
 
 def test_cc595k_layout(synth):

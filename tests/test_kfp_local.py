@@ -28,6 +28,8 @@ def test_kfp_pipeline_runs_locally_with_subprocess_runner(tmp_path, monkeypatch)
     values["data"]["synth"] = {"records": 240, "eval": 8, "corrupt": 1}
     for phase in ("align", "instruct"):
         values[phase].update(epochs=1, checkpoint_every=100)
+    # TinyLLaVA's share stage between them (LLM + projector + tower), a few steps: every step kind runs once
+    values["share"] = {"config": "train/tiny-share.yaml", "max_steps": 3, "checkpoint_every": 100}
     values["preprocess"]["shard_records"] = 48  # parts enough for both ranks
     values["eval"].update(limit=8, batch_size=8)
     values["serve"]["port"] = _free_port()
@@ -46,5 +48,8 @@ def test_kfp_pipeline_runs_locally_with_subprocess_runner(tmp_path, monkeypatch)
         metrics = json.loads((out / "_steps" / f"eval-{task}.json").read_text())["result"]
         assert metrics["metrics"], metrics
     assert (out / "packed" / "config.json").exists()
+    # the share stage started from the align model, and instruct from the share model
+    share = json.loads((out / "_steps" / "train-share.json").read_text())["result"]
+    assert share["model_dir"] == str(out / "share" / "model")
     manifest = json.loads((out / "stores" / "instruct" / "manifest.json").read_text())
     assert manifest["counts"]["samples"] > 200

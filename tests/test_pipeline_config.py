@@ -34,7 +34,8 @@ def test_every_pipeline_config_validates_and_plans(path):
 @pytest.mark.parametrize("path", TRAIN, ids=os.path.basename)
 def test_every_train_config_validates(path):
     cfg = load_train_config(path, data="d", out="o", init="i")
-    assert cfg.phase in os.path.basename(path)
+    stage = os.path.basename(path).split("-", 1)[1].removesuffix(".yaml")
+    assert cfg.phase == {"share": "align"}.get(stage, stage)  # the share stage trains on align data
 
 
 def test_paper_recipe_values():
@@ -62,6 +63,11 @@ def test_paper_recipe_values():
     ({"data": {"synth": None}}, "needs either"),
     ({"align": {"config": "train/tiny-align.yaml", "lr": -1}}, "lr must be positive"),
     ({"pack": {"format": "3bit"}}, "pack.format"),
+    ({"share": {"config": "train/tiny-share.yaml"}, "preprocess": {"encode_align": "features"}},
+     "share: trains the vision tower, so the align store must hold pixels"),
+    ({"share": {"config": "train/tiny-share.yaml", "phase": "instruct"}}, "share: trains phase 'align' data"),
+    ({"share": {"tune_vision": "partial"}}, "partial needs tune_vision_from_layer"),
+    ({"share": "yes"}, "share: must be a mapping"),
 ])
 def test_bad_pipeline_configs_are_refused(tmp_path, change, message):
     with open(os.path.join(ROOT, "pipelines", "configs", "tiny.yaml")) as f:
@@ -81,6 +87,24 @@ def test_dry_run_command():
     report = json.loads(out.stdout)
     train = [s for s in report["steps"] if s["step"] == "train-instruct"][0]
     assert train["resources"] == "8 workers x (1 GPU), ZeRO-3" and train["global_batch"] == 8 * 2 * 8
+
+
+def test_the_share_stage_sits_between_align_and_instruct(tmp_path):
+    from pipelines.run import plan, step_names
+
+    with open(os.path.join(ROOT, "pipelines", "configs", "tiny.yaml")) as f:
+        values = yaml.safe_load(f)
+    path = tmp_path / "share.yaml"
+    path.write_text(yaml.safe_dump({**values, "share": {"config": "train/tiny-share.yaml"}}))
+    cfg = load_pipeline_config(str(path))
+    assert step_names(cfg)[4:7] == ["train-align", "train-share", "train-instruct"]
+    steps = {s["step"]: s for s in plan(cfg)["steps"]}
+    assert steps["train-share"]["tune"] == {"projector": "full", "llm": "full", "vision": "partial from layer 0"}
+    assert steps["train-align"]["tune"] == {"projector": "full", "llm": "frozen", "vision": "frozen"}
+    assert "train-share" not in step_names(load_pipeline_config(os.path.join(ROOT, "pipelines", "configs", "tiny.yaml")))
+    share = load_train_config(os.path.join(ROOT, "pipelines", "configs", "train", "1b-share.yaml"), data="d", out="o",
+                              init="i")  # TinyLLaVA's: the upper half of CLIP ViT-L's 24 layers, the LLM, lr 2e-5
+    assert (share.tune_vision, share.tune_vision_from_layer, share.tune_llm, share.lr) == ("partial", 12, "full", 2e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "llava-olmo-bitnet-1b.yaml"])

@@ -20,7 +20,7 @@ from components.data.store import committed_parts, decode_sample, load_manifest,
 from components.data.synth import SynthConfig, synthesize
 from model.checkpoint import load_vision_tower, save_model
 from model.presets import build_from_preset
-from model.vision import select_patch_features
+from model.towers import select_patch_features
 
 pytestmark = pytest.mark.slow
 

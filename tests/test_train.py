@@ -17,8 +17,10 @@ from components.data.preprocess import PreprocessConfig, preprocess
 from components.data.synth import SynthConfig, synthesize
 from components.train.config import load_train_config
 from components.train.run import run_training
+from model.assemble import init_model
 from model.checkpoint import load_model, read_state_dict, save_model
 from model.presets import build_from_preset
+from tests.backbone_folders import write_tower_folder
 
 pytestmark = pytest.mark.slow
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines", "configs", "train")
@@ -122,6 +124,27 @@ def test_instruct_with_zero3_and_a_real_mlflow_server(stores, align_run, mlflow_
     assert out.returncode == 0, out.stderr
     assert "instruct-z3" in out.stdout and "pipeline" in out.stdout and "final loss" in out.stdout
     assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_partly_trained_tower_changes_exactly_its_upper_layers(stores, zero_stage, tmp_path):
+    # a 3-layer CLIP tower (vision_feature_layer -2: layers 0 and 1 reach the features), trained from layer 1 as
+    # TinyLLaVA's share recipe trains the upper tower, with the projector and, under ZeRO-3, the LLM too
+    tower = write_tower_folder(str(tmp_path / "clip3"), "clip", seed=5)
+    model, tokenizer, processor = init_model("tiny", vision=tower)
+    save_model(str(tmp_path / "base"), model, tokenizer, processor)
+    llm = "full" if zero_stage == 3 else "frozen"
+    cfg = load_train_config(os.path.join(CONFIGS, "tiny-align.yaml"), data=str(stores / "align"),
+                            out=str(tmp_path / "run"), init=str(tmp_path / "base"), zero_stage=zero_stage,
+                            max_steps=3, tune_vision="partial", tune_vision_from_layer=1, tune_llm=llm, vision_lr=5e-4)
+    summary = run_training(cfg)
+    before, after = read_state_dict(str(tmp_path / "base")), read_state_dict(summary["model_dir"])
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trained = {k for k in before if k.startswith(("multi_modal_projector.", "vision_tower.encoder.layers.1."))
+               or (llm == "full" and k.startswith("language_model."))}
+    assert changed == trained
+    params = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params
+    assert (params["tune_vision"], params["tune_vision_from_layer"], params["tune_llm"]) == ("partial", "1", llm)
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir, killed: list):

@@ -58,3 +58,31 @@ def test_a_missing_config_file_is_named(base):
     proc = subprocess.run([BIN, "train", "--config", "nope.yaml", "--data", "s", "--out", "o", "--init", "base"],
                           cwd=base, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "training config" in proc.stderr and str(base / "nope.yaml") in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def features_store(base):
+    subprocess.run([BIN, "data", "synth", "--out", "data", "--records", "8"], cwd=base, check=True,
+                   capture_output=True, timeout=300)
+    subprocess.run([BIN, "data", "preprocess", "--source", "cc595k", "--json", "data/cc595k/chat.json", "--images",
+                    "data/cc595k/images.zip", "--out", "stores/features", "--phase", "align", "--model", "base",
+                    "--encode", "features"], cwd=base, check=True, capture_output=True, timeout=300)
+    return "stores/features"
+
+
+def test_a_trained_tower_refuses_a_store_of_cached_features(base, features_store):
+    proc, elapsed = train(base, "--data", features_store, "--out", "runs/a", "--init", "base",
+                          "--tune-vision", "full")
+    assert_one_line_error(proc, elapsed, str(base / "stores" / "features"), "cached tower features",
+                          "--encode pixels")
+
+
+def test_a_tower_layer_past_the_features_is_named(base, features_store):
+    # the tiny tower has 2 layers and reads hidden layer -2: only layer 0 reaches the features
+    proc, elapsed = train(base, "--data", features_store, "--out", "runs/a", "--init", "base",
+                          "--tune-vision", "partial", "--tune-vision-from-layer", "1")
+    assert_one_line_error(proc, elapsed, "tune_vision_from_layer 1 trains no layer", str(base / "base"),
+                          "first 1 of its 2 layers")
+    proc, elapsed = train(base, "--data", features_store, "--out", "runs/a", "--init", "base",
+                          "--tune-vision", "partial")
+    assert_one_line_error(proc, elapsed, "partial needs tune_vision_from_layer")

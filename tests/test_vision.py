@@ -1,7 +1,8 @@
 import torch
 from PIL import Image
 
-from model.vision import CLIP_MEAN, build_image_processor, expand_to_square, mean_colour, preprocess_images
+from model.towers.clip import CLIP_MEAN, clip_image_processor as build_image_processor
+from model.vision import expand_to_square, mean_colour, preprocess_images
 
 
 def test_pad_to_square_uses_clip_mean_colour_and_centres():

@@ -126,27 +126,28 @@ def load_processing(cfg: PreprocessConfig):
     from model.checkpoint import load_tokenizer
     from model.multimodal import BitLlavaConfig
     from model.presets import get_preset, preset_config
-    from model.vision import CLIPImageProcessorPil, build_image_processor
+    from model.towers import build_image_processor, load_image_processor
 
     if cfg.model:
         with open(os.path.join(cfg.model, "config.json")) as f:
             config = BitLlavaConfig.from_dict(json.load(f))
         tokenizer = load_tokenizer(cfg.model)
-        processor = CLIPImageProcessorPil.from_pretrained(cfg.model)
+        processor = load_image_processor(cfg.model, config.vision_config)
         max_length = cfg.max_length or context_length(config.text_config)
     else:
         config, tokenizer = preset_config(cfg.preset)
-        processor = build_image_processor(config.vision_config.image_size)
+        processor = build_image_processor(config.vision_config)
         max_length = cfg.max_length or get_preset(cfg.preset).max_length
     return tokenizer, processor, config.num_image_tokens, max_length, config
 
 
 def processing_identity(cfg: PreprocessConfig, tokenizer, processor, config) -> dict:
     """What the store's samples depend on besides the data: tokenizer, image processing, vision tower."""
+    from model.towers import processor_identity
+
     identity = {
         "tokenizer_sha256": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
-        "image_processor": {k: dict(v) if hasattr(v, "keys") else list(v) for k, v in
-                            ((k, getattr(processor, k)) for k in ("size", "crop_size", "image_mean", "image_std"))},
+        "image_processor": processor_identity(processor),
         "image_tokens": config.num_image_tokens,
         "vision_tower": None,
     }
@@ -278,7 +279,7 @@ class EncodeGroups:
         self.layer = config.vision_feature_layer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from model.vision import select_patch_features
+        from model.towers import select_patch_features
 
         torch = self.torch
         rows = batch.to_pylist()

@@ -21,7 +21,7 @@ from PIL import Image
 
 from components import storage
 from model.conversation import ConversationError, tokenize_conversation
-from model.vision import CLIPImageProcessorPil, preprocess_images
+from model.vision import preprocess_images
 
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000  # a 5000x5000 image; larger ones are treated as decompression bombs
 DEFAULT_MAX_TEXT_CHARS = 16_000  # conversation text beyond this is rejected as over-long, not truncated
@@ -114,7 +114,7 @@ class Sample:
 class RecordProcessor:
     """Template + tokenizer + image processor of one model: the per-record maths of preprocessing."""
 
-    def __init__(self, tokenizer, image_processor: CLIPImageProcessorPil, template: str, num_image_tokens: int,
+    def __init__(self, tokenizer, image_processor, template: str, num_image_tokens: int,
                  max_length: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
         self.tokenizer, self.image_processor = tokenizer, image_processor

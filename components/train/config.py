@@ -17,6 +17,9 @@ from components.yaml_fields import load_fields
 
 
 PHASES = ("align", "instruct")
+TUNE_CHOICES = {"tune_projector": ("full", "frozen"), "tune_llm": ("full", "frozen"),
+                "tune_vision": ("frozen", "full", "partial")}
+PHASE_TUNING = {"align": "frozen", "instruct": "full"}  # the LLM's, as LLaVA-1.5 trains it
 
 PHASE_DEFAULTS = {
     "align": dict(lr=1e-3, per_device_batch=32, grad_accum=4, weight_decay=0.0, adam_betas=(0.9, 0.999)),
@@ -28,7 +31,17 @@ PHASE_DEFAULTS = {
 class TrainConfig:
     """One training phase.
 
-    phase: "align" trains the projector only; "instruct" trains projector + BitLinear LLM.
+    phase: the data's template and the defaults: "align" (LLaVA-1.5: the projector only), "instruct" (the
+        projector and the BitLinear LLM).
+    tune_projector / tune_llm / tune_vision: what the phase trains, per module, as TinyLLaVA Factory's recipes
+        set it: "full" or "frozen" (tune_llm's default follows the phase), and for the tower also "partial":
+        its encoder layers from `tune_vision_from_layer` up to the feature layer (the layers after
+        `vision_feature_layer` never reach the features). A trained tower needs a pixels store (cached
+        features of the old tower would be stale).
+    tune_vision_from_layer: the first trained tower layer of tune_vision "partial" (TinyLLaVA's share recipe: 12
+        of CLIP ViT-L's 24).
+    projector_lr / vision_lr: learning rates of those parameter groups (None: lr), as TinyLLaVA's
+        mm_projector_lr / vision_tower_lr.
     data: sample store URI (`bitllava data preprocess` output), local or s3://.
     out: run folder/URI: Ray Train checkpoints, the final model (`<out>/model`), the MLflow store by default.
     init: model folder to start from (`bitllava model init` output for align, the align run's model for instruct).
@@ -93,11 +106,20 @@ class TrainConfig:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     peak_tflops: float | None = None
+    tune_projector: str = "full"
+    tune_llm: str | None = None
+    tune_vision: str = "frozen"
+    tune_vision_from_layer: int | None = None
+    projector_lr: float | None = None
+    vision_lr: float | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.phase not in PHASES:
             raise ValueError(f"unknown phase {self.phase!r}; choose one of {PHASES}")
+        if self.tune_llm is None:
+            self.tune_llm = PHASE_TUNING[self.phase]
+        self._check_tuning()
         for key, value in PHASE_DEFAULTS[self.phase].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -122,6 +144,27 @@ class TrainConfig:
             raise ValueError(f"z_loss is a small coefficient in [0, 1) (Chameleon 1e-5), got {self.z_loss}")
         if self.max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
+
+    def _check_tuning(self) -> None:
+        for name, choices in TUNE_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, not {getattr(self, name)!r}")
+        if (self.tune_vision == "partial") != (self.tune_vision_from_layer is not None):
+            raise ValueError("tune_vision: partial needs tune_vision_from_layer (the first trained tower layer), "
+                             "and tune_vision_from_layer is only for tune_vision: partial")
+        if self.tune_vision_from_layer is not None and self.tune_vision_from_layer < 0:
+            raise ValueError(f"tune_vision_from_layer must be >= 0, got {self.tune_vision_from_layer}")
+        if "full" not in (self.tune_projector, self.tune_llm) and self.tune_vision == "frozen":
+            raise ValueError("every module is frozen: set tune_projector, tune_llm or tune_vision")
+        for name in ("projector_lr", "vision_lr"):
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))  # YAML reads 1e-4 (no dot) as a string
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def trains_tower(self) -> bool:
+        return self.tune_vision != "frozen"
 
     @property
     def global_batch(self) -> int:

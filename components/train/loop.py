@@ -23,12 +23,51 @@ import torch
 import torch.distributed as dist
 
 
-def apply_recipe(model, phase: str) -> None:
-    """Freezing is the recipe's job: the tower is always frozen; align trains the projector; instruct adds the LLM."""
+def apply_recipe(model, cfg) -> None:
+    """Freezing is the recipe's job (`TrainConfig.tune_*`): LLaVA-1.5's align trains the projector, its instruct
+    adds the LLM; TinyLLaVA's recipes also train the tower, whole or from a layer on."""
     model.requires_grad_(False)
-    model.multi_modal_projector.requires_grad_(True)
-    if phase == "instruct":
+    if cfg.tune_projector == "full":
+        model.multi_modal_projector.requires_grad_(True)
+    if cfg.tune_llm == "full":
         model.language_model.requires_grad_(True)
+    for module in trained_tower_parts(model, cfg.tune_vision, cfg.tune_vision_from_layer):
+        module.requires_grad_(True)
+
+
+def feature_depth(model) -> int:
+    """How many tower layers reach the patch features: hidden_states[i] is the output of layer i - 1 (index 0
+    the embeddings), so vision_feature_layer -2 of 24 layers reads layer 22's output and layer 23 is unused."""
+    layers = len(model.vision_tower.encoder.layers)
+    return model.config.vision_feature_layer % (layers + 1)
+
+
+def trained_tower_parts(model, tune: str, from_layer: int | None) -> list:
+    """The tower modules a recipe trains; never those that do not reach the features (the layers after the
+    feature layer, the final norm, SigLIP's pooling head), which would hold parameters without gradients."""
+    if tune == "frozen":
+        return []
+    vision = model.vision_tower  # transformers 5 keeps CLIP's and SigLIP's parts without a vision_model level
+    depth = feature_depth(model)
+    if tune == "partial":
+        if not 0 <= from_layer < depth:
+            raise ValueError(f"tune_vision_from_layer {from_layer} trains no layer: the features come from the "
+                             f"tower's first {depth} layers (vision_feature_layer {model.config.vision_feature_layer})")
+        return list(vision.encoder.layers[from_layer:depth])
+    before = [m for m in (vision.embeddings, getattr(vision, "pre_layrnorm", None)) if m is not None]  # CLIP's pre-norm
+    return before + list(vision.encoder.layers[:depth])
+
+
+def parameter_groups(model, cfg) -> list[dict]:
+    """The optimizer's groups: projector and tower at their own learning rates where set (TinyLLaVA's
+    mm_projector_lr, vision_tower_lr), everything else at lr; frozen and empty groups left out."""
+    def trainable(module):
+        return [p for p in module.parameters() if p.requires_grad]
+
+    groups = [{"name": "llm", "params": trainable(model.language_model), "lr": cfg.lr},
+              {"name": "projector", "params": trainable(model.multi_modal_projector), "lr": cfg.projector_lr or cfg.lr},
+              {"name": "vision", "params": trainable(model.vision_tower), "lr": cfg.vision_lr or cfg.lr}]
+    return [g for g in groups if g["params"]]
 
 
 def count_params(model) -> dict:
@@ -37,11 +76,12 @@ def count_params(model) -> dict:
     return {"trainable_params": trainable, "frozen_params": total - trainable}
 
 
-def flops_per_token(model, phase: str) -> float:
-    """Training FLOPs per token: 2N forward, 2N backward through activations, +2N weight grads where trained."""
+def flops_per_token(model, cfg) -> float:
+    """Training FLOPs per LLM token: 2N forward, 2N backward through activations, +2N weight grads where trained
+    (the tower's, per image rather than per token, are left out)."""
     llm = sum(p.numel() for p in model.language_model.parameters())
     proj = sum(p.numel() for p in model.multi_modal_projector.parameters())
-    return (6 if phase == "instruct" else 4) * llm + 6 * proj
+    return (6 if cfg.tune_llm == "full" else 4) * llm + (6 if cfg.tune_projector == "full" else 4) * proj
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -62,18 +102,19 @@ def planned_steps(plan: list[dict], cfg) -> int:
 
 
 def build_model(cfg):
-    """The init model with the phase's recipe applied, in training mode (the tower stays in eval)."""
+    """The init model with the phase's recipe applied, in training mode (a frozen tower stays in eval)."""
     from model.checkpoint import load_model
 
     loaded = load_model(cfg.init)
     if not loaded.multimodal:
         raise ValueError(f"{cfg.init} is not a multimodal bitllava model folder")
     model = loaded.model
-    apply_recipe(model, cfg.phase)
+    apply_recipe(model, cfg)
     if cfg.gradient_checkpointing:
         model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    model.vision_tower.eval()
+    if not cfg.trains_tower:
+        model.vision_tower.eval()
     return loaded
 
 
@@ -85,8 +126,9 @@ def build_engine(cfg, model, total_steps: int, bf16: bool):
     from components.train.deepspeed_config import deepspeed_config
     from model.torch_build_lock import load_deepspeed_shm_op
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    groups = parameter_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     ds_config = deepspeed_config(cfg, bf16)
     if not cfg.use_gpu:  # the CPU backend JIT-builds its shared-memory all-reduce op inside init_distributed
@@ -160,7 +202,7 @@ def train_loop(loop_config: dict) -> None:
               f"params, {world} workers, {total_steps} optimizer steps, ZeRO-{cfg.zero_stage}, "
               f"{'bf16' if bf16 else 'fp32'}", flush=True)
 
-    step_metrics = StepMetrics(world, all_reduce_sum, flops_per_token(model, cfg.phase), peak_tflops(cfg.peak_tflops))
+    step_metrics = StepMetrics(world, all_reduce_sum, flops_per_token(model, cfg), peak_tflops(cfg.peak_tflops))
     metrics = {}  # the last applied step's, with the skip count (what a checkpoint reports, the final_* metrics)
     for epoch, epoch_plan in enumerate(plan):
         if state.global_step >= total_steps or epoch < state.epoch:

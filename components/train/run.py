@@ -42,6 +42,20 @@ def check_init_model(init: str) -> None:
         raise ValueError(f"--init {init} holds no weights (looked for {', '.join(WEIGHT_FILES)})")
 
 
+def check_tower_recipe(cfg: TrainConfig) -> None:
+    """tune_vision_from_layer must name a layer that reaches the init model's features."""
+    from model.checkpoint import read_config
+
+    if cfg.tune_vision != "partial":
+        return
+    raw = read_config(cfg.init)
+    layers = raw["vision_config"]["num_hidden_layers"]
+    depth = raw.get("vision_feature_layer", -2) % (layers + 1)
+    if cfg.tune_vision_from_layer >= depth:
+        raise ValueError(f"tune_vision_from_layer {cfg.tune_vision_from_layer} trains no layer of {cfg.init}'s tower: "
+                         f"its features come from the first {depth} of its {layers} layers")
+
+
 def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -49,9 +63,13 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
 
     # Errors no restart can fix end the command here, in the driver, before any worker starts.
     check_init_model(cfg.init)
+    check_tower_recipe(cfg)
     manifest = load_manifest(cfg.data)
     if manifest["phase"] != cfg.phase:
         raise ValueError(f"{cfg.data} was preprocessed for phase {manifest['phase']!r}, not {cfg.phase!r}")
+    if cfg.trains_tower and manifest["encode"] != "pixels":
+        raise ValueError(f"{cfg.data} holds cached tower features, which training the tower (tune_vision: "
+                         f"{cfg.tune_vision}) makes stale: preprocess it with --encode pixels")
     plan = plan_epochs(manifest, cfg.workers, cfg.per_device_batch, cfg.grad_accum, cfg.epochs, cfg.seed)
     cfg.tracking_uri = resolve_tracking_uri(cfg.tracking_uri, cfg.out)
     run_id = create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name or cfg.phase, cfg.parent_run_id,

@@ -32,7 +32,7 @@ from model.multimodal import BitLlavaConfig, BitLlavaForConditionalGeneration
 from model.packed.packed_linear import PackedBitLinear, pack_bitlinears, set_backend
 from model.packed.packed_model import empty_packed_model, set_head
 from model.packed.packing import FORMATS, PackedTernary, check_format, pack, packed_shape, to_runtime, unpack
-from model.vision import CLIPImageProcessorPil
+from model.towers import load_image_processor
 
 PACKING_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -227,7 +227,7 @@ def load_packed(
     set_head(model, head, backend)
     multimodal = isinstance(model, BitLlavaForConditionalGeneration)
     tokenizer = load_tokenizer(folder)
-    processor = CLIPImageProcessorPil.from_pretrained(folder) if multimodal else None
+    processor = load_image_processor(folder, config.vision_config) if multimodal else None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.packing = {k: packing[k] for k in ("format", "version")}
