@@ -36,7 +36,7 @@ from tests.conftest import _free_port, _wait_until_ready
 pytestmark = pytest.mark.slow
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines", "configs", "train")
 BUCKET = "outage"
-OUTAGE_S = 10  # the server stays down this long, then takes about 3 s to serve again
+OUTAGE_S = 27  # the server stays down this long, then takes about 3 s to serve again: about 30 s away
 SHORT_BUDGET_S = 2  # retry budget of the runs that must give up
 
 

@@ -27,6 +27,7 @@ from components.data.synth import SynthConfig, synthesize
 from components.train.checkpointing import DS_TAG, TRAINER_STATE
 from components.train.config import load_train_config
 from components.train.data import plan_epochs
+from components.train.step import NonFiniteStepsError
 from components.train.run import run_training
 from model.checkpoint import read_state_dict, save_model
 from model.presets import build_from_preset
@@ -148,13 +149,14 @@ def test_every_step_poisoned_stops_with_a_clear_error_and_keeps_the_last_checkpo
     root, _ = stores
     poisoned_copy(root / "clean", root / "all-poisoned", lambda name, row: True)
     out = root / "run-all-poisoned"
+    # restarts allowed: the stop is not a worker failure, so Ray Train must not retry it (a retry would resume at
+    # step 2 and log step 3 again, below)
     cfg = instruct_config(root, root / "all-poisoned", out, max_consecutive_skips=2, checkpoint_every=2,
-                          max_failures=0)
-    with pytest.raises(Exception) as caught:
+                          max_failures=2)
+    with pytest.raises(NonFiniteStepsError) as caught:  # raised in the driver, one message
         run_training(cfg)
-    message = str(caught.value)  # Ray Train's WorkerGroupError, with the workers' error
-    assert ("NonFiniteStepsError: training stopped at optimizer step 3: 3 steps in a row (since step 1)"
-            in message), message
+    message = str(caught.value)
+    assert message.startswith("training stopped at optimizer step 3: 3 steps in a row (since step 1)"), message
     assert "max_consecutive_skips=2" in message and "the last checkpoint (step 2) is intact" in message
 
     checkpoints = sorted(p for p in glob.glob(str(out / "ray" / "instruct" / "checkpoint_*")) if os.path.isdir(p))
@@ -170,3 +172,4 @@ def test_every_step_poisoned_stops_with_a_clear_error_and_keeps_the_last_checkpo
     run, = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id],
                               filter_string=f"params.out = '{out}'")
     assert metric(cfg.tracking_uri, run.info.run_id, "skipped_steps") == [(1, 1), (2, 2), (3, 3)]
+    assert run.info.status == "FAILED"

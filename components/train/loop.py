@@ -11,11 +11,13 @@ imported here, never in the driver. Shaped like torchtitan's trainer, its parts 
 
 A restarted run loads the last checkpoint and continues at the same optimizer step on the same data.
 Skipped steps are counted (MLflow `skipped_steps`) and logged with their samples' ids; more than
-`max_consecutive_skips` in a row stop the run with NonFiniteStepsError before anything else is saved.
+`max_consecutive_skips` in a row stop the run before anything else is saved: rank 0 writes a stop file, all
+return (a raised error would be retried by Ray Train's restarts), the driver raises NonFiniteStepsError.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 
@@ -173,7 +175,8 @@ def train_loop(loop_config: dict) -> None:
     from components.train.data import micro_batches, shard_name
     from components.train.metrics import StepMetrics
     from components.train.mlflow_logging import PhaseLogger
-    from components.train.step import all_reduce_sum, train_step
+    from components import storage
+    from components.train.step import all_reduce_sum, stop_file, train_step
 
     quiet_worker_logs()
     cfg = TrainConfig(**loop_config["cfg"])
@@ -241,7 +244,15 @@ def train_loop(loop_config: dict) -> None:
                     error = state.skips.error(cfg.max_consecutive_skips, state.global_step, ids, checkpoints.last_step)
                     if rank == 0:
                         print(f"[train] {error}", flush=True)
-                    raise error
+                    if logger:
+                        logger.fail()
+                    # returned, not raised: Ray Train restarts a worker group that raises (max_failures), and no
+                    # restart gets past the same steps; every rank is here (the skip was agreed on), and the
+                    # driver raises the error from the stop file (components/train/run.py)
+                    if rank == 0:
+                        storage.write_bytes_atomic(stop_file(cfg.out, loop_config["run_id"]),
+                                                   json.dumps({"error": str(error)}).encode())
+                    return
             if checkpoints.due(state.global_step, state.global_step >= total_steps):
                 checkpoints.save(state, metrics)
 

@@ -46,6 +46,12 @@ class PhaseLogger:
         print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in metrics.items()), flush=True)
 
+    def fail(self) -> None:
+        """The run stopped with an error no restart fixes: its metrics delivered (or kept), status FAILED."""
+        self.system.stop()
+        self.outbox.set_terminated("FAILED")
+        self.outbox.close()
+
     def finish(self, final_dir: str, metrics: dict) -> None:
         self.system.stop()
         self.outbox.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if k != "step"})

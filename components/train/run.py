@@ -10,6 +10,7 @@ datasets are not split again by Ray Train. The MLflow run is created here and re
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from components.tracking import create_run, resolve_tracking_uri
 from components.tracking_outbox import unsent_left
 from components.train.config import TrainConfig
 from components.train.data import plan_epochs, rank_datasets
+from components.train.step import NonFiniteStepsError, stop_file
 
 
 def final_model_dir(cfg: TrainConfig) -> str:
@@ -107,6 +109,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> dict:
     start = time.time()
     with storage.surface_outage():  # a spent storage retry budget ends the run with its one-line error
         result = trainer.fit()
+    if storage.exists(stop_file(cfg.out, run_id)):  # the workers stopped on non-finite steps (train loop)
+        raise NonFiniteStepsError(json.loads(storage.read_bytes(stop_file(cfg.out, run_id)))["error"])
     summary = {
         "phase": cfg.phase,
         "model_dir": final_model_dir(cfg),

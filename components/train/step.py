@@ -89,8 +89,19 @@ def train_step(engine, micro_batches: Iterable[dict], world: int,
                       z_losses=z_losses if z_loss_coef else None)
 
 
-class NonFiniteStepsError(RuntimeError):
-    """More consecutive optimizer steps were skipped for non-finite values than the config allows."""
+class NonFiniteStepsError(ValueError):
+    """More consecutive optimizer steps were skipped for non-finite values than the config allows.
+
+    The workers do not raise it (Ray Train would restart them, and no restart gets past the same steps):
+    rank 0 writes its message to the run's stop file (`stop_file`) and every rank returns; the driver raises
+    it from there. A ValueError: the CLI prints it as one line, as every error that no restart can fix."""
+
+
+def stop_file(out: str, run_id: str) -> str:
+    """Where a run stopped by NonFiniteStepsError leaves its message (one per MLflow run: never stale)."""
+    from components import storage
+
+    return storage.join(out, f"stopped-{run_id}.json")
 
 
 @dataclass
