@@ -38,10 +38,10 @@ def apply_recipe(model, cfg) -> None:
 
 
 def feature_depth(model) -> int:
-    """How many tower layers reach the patch features: hidden_states[i] is the output of layer i - 1 (index 0
-    the embeddings), so vision_feature_layer -2 of 24 layers reads layer 22's output and layer 23 is unused."""
-    layers = len(model.vision_tower.encoder.layers)
-    return model.config.vision_feature_layer % (layers + 1)
+    """How many of the model's tower layers reach its patch features (`model.towers.feature_depth`)."""
+    from model.towers import feature_depth as depth
+
+    return depth(len(model.vision_tower.encoder.layers), model.config.vision_feature_layer)
 
 
 def trained_tower_parts(model, tune: str, from_layer: int | None) -> list:

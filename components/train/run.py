@@ -47,12 +47,13 @@ def check_init_model(init: str) -> None:
 def check_tower_recipe(cfg: TrainConfig) -> None:
     """tune_vision_from_layer must name a layer that reaches the init model's features."""
     from model.checkpoint import read_config
+    from model.towers import feature_depth
 
     if cfg.tune_vision != "partial":
         return
     raw = read_config(cfg.init)
     layers = raw["vision_config"]["num_hidden_layers"]
-    depth = raw.get("vision_feature_layer", -2) % (layers + 1)
+    depth = feature_depth(layers, raw.get("vision_feature_layer", -2))
     if cfg.tune_vision_from_layer >= depth:
         raise ValueError(f"tune_vision_from_layer {cfg.tune_vision_from_layer} trains no layer of {cfg.init}'s tower: "
                          f"its features come from the first {depth} of its {layers} layers")

@@ -59,6 +59,12 @@ def num_patches(vision_config: PreTrainedConfig) -> int:
     return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
+def feature_depth(num_layers: int, feature_layer: int) -> int:
+    """How many tower layers reach the patch features: hidden_states[i] is the output of layer i - 1 (index 0
+    the embeddings), so feature layer -2 of 24 layers reads layer 22's output and layer 23 is unused."""
+    return feature_layer % (num_layers + 1)
+
+
 def select_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
     """(N, 3, H, W) -> (N, patches, hidden): hidden_states[layer], without the CLS token where the tower has one."""
     out = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
